@@ -1,0 +1,10 @@
+"""Long-context sequence-mixing ops.
+
+Every op takes `[B, T, H, D]` tensors, `initial_state=None, output_final_state=False, cu_seqlens=None,
+backend=None` where it carries state, and dispatches to a Triton kernel on CUDA or a chunked PyTorch path on
+CPU (`backend="naive"` gives the float64-capable token-by-token reference). See each op's docstring.
+"""
+from lctrain.kernels.linear_attention import linear_attention
+from lctrain.kernels.gated_delta_rule import gated_delta_rule
+
+__all__ = ["linear_attention", "gated_delta_rule"]
