@@ -1,0 +1,111 @@
+"""Decoder-only language model whose layers come from a pattern of mixer types."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lctrain.models.blocks import RMSNorm, SwiGLU, default_ffn_dim
+from lctrain.models.context import BatchContext
+from lctrain.models.loss import chunked_cross_entropy_sum
+from lctrain.models.mixers import build_mixer, expand_pattern
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, model_cfg, layer_idx: int, mixer_type: str):
+        super().__init__()
+        d = model_cfg.d_model
+        self.mixer_type = mixer_type
+        self.mixer_norm = RMSNorm(d, model_cfg.norm_eps)
+        self.mixer = build_mixer(mixer_type, model_cfg, layer_idx)
+        self.mlp_norm = RMSNorm(d, model_cfg.norm_eps)
+        self.mlp = SwiGLU(d, model_cfg.ffn_dim or default_ffn_dim(d))
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class LMOutput:
+    loss_sum: torch.Tensor | None = None  # summed token cross-entropy (fp32)
+    n_targets: torch.Tensor | None = None  # number of target tokens that loss_sum covers
+    logits: torch.Tensor | None = None  # [B, T, vocab] when asked for
+    hidden: torch.Tensor | None = None  # final-norm output [B, T, D]
+
+
+class LanguageModel(nn.Module):
+    """Token embedding -> blocks (mixer types from `model.pattern`) -> RMSNorm -> LM head."""
+
+    def __init__(self, model_cfg):
+        super().__init__()
+        if model_cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
+        self.cfg = model_cfg
+        self.layer_types = expand_pattern(model_cfg.pattern, model_cfg.n_layers)
+        self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
+        self.layers = nn.ModuleList(Block(model_cfg, i, t) for i, t in enumerate(self.layer_types))
+        self.norm = RMSNorm(model_cfg.d_model, model_cfg.norm_eps)
+        self.lm_head = None if model_cfg.tie_embeddings else nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
+        self.activation_checkpointing = model_cfg.activation_checkpointing
+        self.reset_parameters()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_parameters(self) -> None:
+        """Normal(0, std) weights; the last projection of each residual branch is scaled by 1/sqrt(2 * n_layers)
+        so the residual stream's variance does not grow with depth. Mixers may define `init_extra_` for their own
+        special parameters (decay rates, gate biases)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "_is_residual_out", False) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_extra_"):
+                module.init_extra_()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, ctx: BatchContext | None = None,
+                return_logits: bool = False) -> LMOutput:
+        """input_ids/position_ids/labels [B, T] (labels -100 = ignored). Without `ctx`, document boundaries come
+        from position ids (0 at each document start; default: one document per row)."""
+        batch, seqlen = input_ids.shape
+        if ctx is None:
+            if position_ids is None:
+                position_ids = torch.arange(seqlen, device=input_ids.device).expand(batch, seqlen)
+            ctx = BatchContext.from_positions(position_ids)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        hidden = self.norm(x)
+        out = LMOutput(hidden=hidden)
+        if labels is not None:
+            out.loss_sum, out.n_targets = chunked_cross_entropy_sum(
+                hidden.reshape(batch * seqlen, -1), self.head_weight, labels.reshape(-1), self.cfg.loss_chunk_tokens)
+        if return_logits:
+            out.logits = F.linear(hidden, self.head_weight)
+        return out
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            total -= self.embed.weight.numel()
+        return total

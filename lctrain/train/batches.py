@@ -1,0 +1,40 @@
+"""Turn a data-pipeline batch into this rank's model inputs and BatchContext (sequence-parallel sharding here)."""
+from __future__ import annotations
+
+import torch
+
+from lctrain.models.context import BatchContext
+
+
+class BatchPreparer:
+    def __init__(self, cfg, env, layout):
+        self.cfg, self.env, self.layout = cfg, env, layout
+        self.sp_groups = None
+        if layout.sp > 1:
+            from lctrain.parallel import init_sp_groups
+            self.sp_groups = init_sp_groups(layout.sp)
+
+    def _shard(self, batch: dict) -> tuple[dict, object]:
+        from lctrain.parallel import shard_batch
+        return shard_batch(batch, self.sp_groups, layout=self.cfg.parallel.layout, attn=self.cfg.parallel.attn)
+
+    def local_targets(self, batch: dict) -> int:
+        """Target tokens this rank's loss will cover."""
+        if self.sp_groups is None:
+            return int((batch["labels"] != -100).sum())
+        local, _ = self._shard(batch)
+        return int((local["labels"] != -100).sum())
+
+    def prepare(self, batch: dict) -> tuple[dict, BatchContext]:
+        device = self.env.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        if self.sp_groups is None:
+            return batch, BatchContext.from_positions(batch["position_ids"])
+        local, placement = self._shard(batch)
+        return local, BatchContext(position_ids=local["position_ids"], cu_seqlens=None, sp=placement)
+
+    def comm_stats(self) -> dict:
+        if self.sp_groups is None:
+            return {}
+        from lctrain.parallel import comm_stats
+        return comm_stats()

@@ -1,0 +1,302 @@
+"""The training loop, top to bottom: set up, (resume), then step / log / evaluate / checkpoint until done."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lctrain.config import Config, ConfigError
+from lctrain.models import LanguageModel
+from lctrain.models.flops import flops_per_token, peak_flops
+from lctrain.train.batches import BatchPreparer
+from lctrain.train.checkpoint import CheckpointManager, load_model_weights, resolve_weights
+from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from lctrain.train.memory import activation_memory_estimate
+from lctrain.train.metrics import MetricsLogger, Progress, Throughput
+from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.signals import StopRequest
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message is one line for the user."""
+
+
+@dataclass
+class Layout:
+    world: int
+    dp: int
+    sp: int
+    dp_rank: int
+    sp_rank: int
+    grad_accum: int
+    tokens_per_step: int
+
+
+def plan_layout(cfg: Config, env: DistEnv) -> Layout:
+    sp = cfg.parallel.sp
+    if env.world_size % sp:
+        raise ConfigError(f"parallel.sp: {sp} does not divide the world size {env.world_size}")
+    dp = env.world_size // sp
+    per_micro = cfg.train.micro_batch_size * cfg.data.seq_len * dp
+    if cfg.train.tokens_per_step == 0:
+        accum = 1
+    elif cfg.train.tokens_per_step % per_micro:
+        raise ConfigError(f"train.tokens_per_step: {cfg.train.tokens_per_step} is not a multiple of "
+                          f"micro_batch_size * seq_len * dp = {cfg.train.micro_batch_size} * {cfg.data.seq_len} * "
+                          f"{dp} = {per_micro}")
+    else:
+        accum = cfg.train.tokens_per_step // per_micro
+    return Layout(env.world_size, dp, sp, env.rank // sp, env.rank % sp, accum, per_micro * accum)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.layout = plan_layout(cfg, env)
+        self.main = env.is_main
+        self.run_dir = Path(cfg.run.dir)
+        seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+
+        from lctrain.data import build_data  # imported late: datasets is slow to import
+        self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main)
+        vocab = self.data.tokenizer.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
+
+        self.model = LanguageModel(cfg.model).to(env.device)
+        if cfg.checkpoint.init_from:
+            self._init_from(cfg.checkpoint.init_from)
+        self.batches = BatchPreparer(cfg, env, self.layout)
+        self.autocast_dtype = self._autocast_dtype()
+
+    def _init_from(self, source: str) -> None:
+        if source.startswith("hf:"):
+            from lctrain.export.hf_import import load_hf_weights  # lands with the Hugging Face import
+            load_hf_weights(self.model, source[3:])
+            return
+        try:
+            weights = resolve_weights(source)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"checkpoint.init_from: {exc}") from None
+        load_model_weights(self.model, weights)
+
+    def _autocast_dtype(self):
+        choice = self.cfg.train.dtype
+        if choice == "bfloat16" or (choice == "auto" and self.env.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    # ------------------------------------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        m, lay = self.model, self.layout
+        act = activation_memory_estimate(self.cfg, m)
+        pattern = "".join({"attn": "A"}.get(t, t[0].upper()) for t in m.layer_types)
+        return "\n".join([
+            f"parameters: {m.num_parameters():,} ({m.num_parameters(exclude_embedding=True):,} without embeddings)",
+            f"layers: {len(m.layer_types)} pattern {pattern} ({', '.join(f'{t}x{m.layer_types.count(t)}' for t in dict.fromkeys(m.layer_types))})",
+            f"world: {lay.world} = dp {lay.dp} x sp {lay.sp}; micro-batch {self.cfg.train.micro_batch_size} x "
+            f"{self.cfg.data.seq_len} tokens",
+            f"tokens per step: {lay.tokens_per_step:,} (gradient accumulation {lay.grad_accum})",
+            f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
+            f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
+        ])
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _forward_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, ctx = self.batches.prepare(batch)
+        ac = (torch.autocast(self.env.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+              else contextlib.nullcontext())
+        with ac:
+            out = model(inputs["input_ids"], labels=inputs["labels"], ctx=ctx)
+        return out.loss_sum, out.n_targets
+
+    def evaluate(self, model) -> dict:
+        batches = self.data.eval_batches(self.cfg.train.eval_batches)
+        if not batches:
+            return {}
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i % self.layout.dp != self.layout.dp_rank:
+                    continue
+                loss_sum, n = self._forward_sum(self.model, batch)
+                total += torch.stack([loss_sum.double(), n.double()])
+        all_reduce_sum(total, self.env)
+        model.train()
+        if total[1] == 0:
+            return {}
+        loss = (total[0] / total[1]).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def run(self) -> int:
+        cfg, env, lay = self.cfg, self.env, self.layout
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            print(self.summary(), flush=True)
+        ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
+        ckpt.clean_partial()
+        optimizer = build_optimizer(self.model, cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train)
+        step, tokens_seen, skipped = 0, 0, 0
+        latest = ckpt.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            state, data_state = ckpt.load(latest, self.model, optimizer)
+            scheduler.load_state_dict(state["scheduler"])
+            self.data.train.load_state_dict(data_state)
+            step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
+            if self.main:
+                print(f"resumed from {latest} at step {step}", flush=True)
+        model = self.model
+        if env.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model.train()
+
+        metrics = MetricsLogger(str(self.run_dir), self.main, cfg.logging.tensorboard,
+                                resume_step=step if latest is not None else None)
+        progress = Progress(cfg.logging.progress, cfg.train.steps, step, self.main)
+        stop = StopRequest().install()
+        throughput = Throughput()
+        fpt = flops_per_token(self.model, cfg.data.seq_len)
+        peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+        first_record = True
+        bad_in_a_row = 0
+        saved_at = step if latest is not None else -1
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        step_t0 = time.perf_counter()
+
+        def save(at_step: int) -> None:
+            trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
+                             "scheduler": scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
+            path = ckpt.save(at_step, self.model, optimizer, trainer_state, self.data.train.state_dict(),
+                             cfg.to_yaml(), lambda: barrier(env))
+            if self.main:
+                progress.write(f"saved {path}")
+
+        try:
+            while step < cfg.train.steps:
+                micro = [next(self.data.train) for _ in range(lay.grad_accum)]
+                # Normalise by the target tokens of the whole step across DP x SP, not per micro-batch.
+                local_targets = sum(int(self.batches.local_targets(b)) for b in micro)
+                n_global = all_reduce_sum(torch.tensor([float(local_targets)], dtype=torch.float64,
+                                                       device=env.device), env).item()
+                loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
+                for i, batch in enumerate(micro):
+                    sync = contextlib.nullcontext() if (i == lay.grad_accum - 1 or not env.distributed) \
+                        else model.no_sync()
+                    with sync:
+                        loss_sum, _ = self._forward_sum(model, batch)
+                        # DDP averages gradients over the world; scale back so the result is sum / n_global.
+                        (loss_sum * (lay.world / max(n_global, 1.0))).backward()
+                    loss_total += loss_sum.detach().double()
+                all_reduce_sum(loss_total, env)
+                loss = loss_total.item() / max(n_global, 1.0)
+                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                lr = scheduler.get_last_lr()[0]
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    bad_in_a_row = 0
+                else:
+                    skipped += 1
+                    bad_in_a_row += 1
+                    if self.main:
+                        progress.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; "
+                                       f"step skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= cfg.train.max_bad_steps:
+                        raise TrainingAborted(
+                            f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
+                            f"{cfg.train.max_bad_steps}); last good checkpoint kept; lower train.lr or check data")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                tokens_seen += lay.tokens_per_step
+                throughput.add(lay.tokens_per_step)
+
+                if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                    tps = throughput.rate()
+                    record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "grad_norm": grad_norm,
+                              "tokens_per_s": tps, "skipped_steps": skipped,
+                              "step_time_s": (time.perf_counter() - step_t0) / cfg.train.log_interval}
+                    record.update(self.batches.comm_stats())
+                    if env.device.type == "cuda":
+                        record["max_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
+                        record["max_allocated_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                        if peak:
+                            record["mfu"] = tps * fpt / (peak * lay.world)
+                    if first_record:
+                        record.update({"world_size": lay.world, "dp": lay.dp, "sp": lay.sp})
+                        first_record = False
+                    metrics.log(record)
+                    progress.update(step, record)
+                    step_t0 = time.perf_counter()
+
+                if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
+                    result = self.evaluate(model)
+                    if result:
+                        metrics.log({"step": step, **result})
+                        progress.write(f"step {step} eval_loss {result['eval_loss']:.4f} "
+                                       f"eval_ppl {result['eval_ppl']:.2f}")
+
+                stop_now = self._agree_on_stop(stop.requested)
+                interval_hit = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
+                if interval_hit or stop_now or step == cfg.train.steps:
+                    if saved_at != step:
+                        save(step)
+                        saved_at = step
+                if stop_now:
+                    if self.main:
+                        progress.write(f"stop requested (signal {stop.signum}): checkpoint saved at step {step}")
+                    return 0
+
+            result = self.evaluate(model)
+            if result:
+                metrics.log({"step": step, **result})
+                if self.main:
+                    progress.write(f"final eval_loss {result['eval_loss']:.4f} eval_ppl {result['eval_ppl']:.2f}")
+            if saved_at != step:
+                save(step)
+            return 0
+        finally:
+            progress.close()
+            metrics.close()
+            stop.restore()
+
+    def _agree_on_stop(self, requested: bool) -> bool:
+        """A preemption signal may reach only some ranks: all must stop (and save) together."""
+        if not self.env.distributed:
+            return requested
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: Config, dry_run: bool = False) -> int:
+    env = init_distributed(cfg.parallel.backend)
+    try:
+        trainer = Trainer(cfg, env)
+        if dry_run:
+            if env.is_main:
+                print(trainer.summary(), flush=True)
+            return 0
+        return trainer.run()
+    finally:
+        shutdown(env)
