@@ -74,6 +74,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
+    stop_at: int = 0  # end this process after this step with a checkpoint (time-sliced jobs); 0: run to the end
     seed: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -153,6 +154,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.eval_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "data.max_documents": (lambda v: v >= 0, "0 (all) or a positive integer"),
     "train.steps": (lambda v: v >= 0, "a non-negative integer"),
+    "train.stop_at": (lambda v: v >= 0, "0 (run to train.steps) or a positive step"),
     "train.lr": (lambda v: v > 0, "a positive number"),
     "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train.warmup_steps": (lambda v: v >= 0, "a non-negative integer"),

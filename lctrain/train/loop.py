@@ -256,7 +256,7 @@ class Trainer:
                         progress.write(f"step {step} eval_loss {result['eval_loss']:.4f} "
                                        f"eval_ppl {result['eval_ppl']:.2f}")
 
-                stop_now = self._agree_on_stop(stop.requested)
+                stop_now = self._agree_on_stop(stop.requested) or step == cfg.train.stop_at
                 interval_hit = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
                 if interval_hit or stop_now or step == cfg.train.steps:
                     if saved_at != step:
@@ -264,7 +264,8 @@ class Trainer:
                         saved_at = step
                 if stop_now:
                     if self.main:
-                        progress.write(f"stop requested (signal {stop.signum}): checkpoint saved at step {step}")
+                        why = f"signal {stop.signum}" if stop.requested else f"train.stop_at={cfg.train.stop_at}"
+                        progress.write(f"stopped ({why}): checkpoint saved at step {step}")
                     return 0
 
             result = self.evaluate(model)

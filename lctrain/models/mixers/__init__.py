@@ -1,5 +1,7 @@
 """Sequence mixers, one file per type, registered by name and pattern letter."""
 from lctrain.models.mixers.registry import LETTERS, MIXERS, build_mixer, expand_pattern, register_mixer
-from lctrain.models.mixers import attention  # noqa: F401  (registers "attn")
+from lctrain.models.mixers import attention  # noqa: F401  (A: attn)
+from lctrain.models.mixers import gated_deltanet  # noqa: F401  (G: gdn)
+from lctrain.models.mixers import linear_attention  # noqa: F401  (L: linear)
 
 __all__ = ["LETTERS", "MIXERS", "build_mixer", "expand_pattern", "register_mixer"]

@@ -1,0 +1,53 @@
+"""Plumbing shared by the linear-family mixers: how a recurrent op is run for a batch.
+
+Three situations, one entry point:
+- training on one device: rows are flattened to one packed stream and the op gets `cu_seqlens`, so every document
+  starts from a zero state;
+- sequence parallel: `lctrain.parallel` supplies the state entering this rank's shard (LASP-2);
+- decoding: the state (and short-convolution inputs) are carried in the per-layer cache.
+"""
+from __future__ import annotations
+
+import torch
+
+from lctrain import kernels
+from lctrain.models.context import BatchContext
+
+
+def _flatten(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.dim() < 2:
+        return t
+    return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
+                  layer_cache: dict | None, backend: str | None = None, **gates) -> torch.Tensor:
+    """Run `lctrain.kernels.<name>(q, k, v, **gates, ...)` for q/k [B, T, H, K], v [B, T, H, V]; gates are
+    [B, T, H] (per token) or [H] (per head). Returns o [B, T, H, V]."""
+    op = getattr(kernels, name)
+    batch, seqlen = q.shape[:2]
+    if layer_cache is not None:
+        o, state = op(q, k, v, **gates, initial_state=layer_cache.get("state"), output_final_state=True,
+                      backend=backend)
+        layer_cache["state"] = state.detach()
+        return o
+    if ctx.sp is not None:
+        from lctrain import parallel
+        return getattr(parallel, f"sp_{name}")(q, k, v, **gates, placement=ctx.sp, backend=backend)
+    if ctx.cu_seqlens is None:
+        o, _ = op(q, k, v, **gates, backend=backend)
+        return o
+    flat_gates = {key: _flatten(val) if val is not None and val.dim() == 3 else val for key, val in gates.items()}
+    o, _ = op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, cu_seqlens=ctx.cu_seqlens, backend=backend)
+    return o.reshape(batch, seqlen, *o.shape[2:])
+
+
+def short_conv(conv, x: torch.Tensor, ctx: BatchContext, layer_cache: dict | None, key: str) -> torch.Tensor:
+    """Document-aware causal short convolution of x [B, T, C]; under sequence parallelism the previous k-1
+    inputs come from the neighbouring shard."""
+    if layer_cache is not None:
+        return conv(x, None, cache=layer_cache, key=key)
+    if ctx.sp is not None:
+        from lctrain import parallel
+        return parallel.sp_short_conv(conv, x, ctx.sp)
+    return conv(x, ctx.position_ids)

@@ -1,0 +1,73 @@
+"""Causal depthwise short convolution whose window never reaches across a document boundary.
+
+Used by GatedDeltaNet (and BASED's gated convolutions) before the recurrent op. out_t = sum_i w_i * x_{t-i} over the
+last `kernel_size` tokens of the same document: with a kernel of 4 this is four shifted, masked copies — exact,
+cheap, and trivially correct for packed documents. For decoding and sequence parallelism the caller passes the
+previous `kernel_size - 1` inputs (`prefix`), which the output then continues from.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return torch.cumsum(starts.to(torch.int32), dim=1)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position_ids: torch.Tensor | None,
+                          prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, C], weight [C, k] (weight[:, -1] multiplies the current token), position_ids [B, T] or None (one
+    document per row); prefix [B, k-1, C] are the inputs just before x that belong to x's first document (zeros
+    when it starts there). Returns [B, T, C]."""
+    batch, seqlen, channels = x.shape
+    k = weight.shape[1]
+    if prefix is None:
+        prefix = x.new_zeros(batch, k - 1, channels)
+    padded = torch.cat([prefix.to(x.dtype), x], dim=1)
+    docs = document_ids(position_ids) if position_ids is not None else None
+    if docs is not None:
+        # prefix tokens count as part of the first document (they are zero when there is nothing to continue)
+        docs_padded = torch.cat([docs[:, :1].expand(batch, k - 1), docs], dim=1)
+    out = x * weight[:, -1]
+    for shift in range(1, k):
+        past = padded[:, k - 1 - shift:k - 1 - shift + seqlen]
+        if docs is not None:
+            same = docs_padded[:, k - 1 - shift:k - 1 - shift + seqlen] == docs
+            past = past * same[..., None].to(past.dtype)
+        out = out + past * weight[:, -1 - shift]
+    return out
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv (kernel 4 by default) + optional SiLU, document-aware, with a decoding cache."""
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        bound = 1.0 / math.sqrt(kernel_size)  # fan-in of a depthwise kernel
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None, prefix: torch.Tensor | None = None,
+                cache: dict | None = None, key: str = "conv") -> torch.Tensor:
+        """x [B, T, C]. With `cache`, continues from the cached inputs and stores the last k-1 inputs."""
+        if cache is not None:
+            prefix = cache.get(key)
+            position_ids = None  # decoding: one document per row
+            window = x if prefix is None else torch.cat([prefix, x], dim=1)
+            cache[key] = _last_inputs(window, self.kernel_size - 1)
+        y = causal_depthwise_conv(x, self.weight, position_ids, prefix)
+        return F.silu(y) if self.activation else y
+
+
+def _last_inputs(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[1] >= n:
+        return x[:, -n:].detach()
+    return torch.cat([x.new_zeros(x.shape[0], n - x.shape[1], x.shape[2]), x], dim=1).detach()
