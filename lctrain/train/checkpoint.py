@@ -157,7 +157,8 @@ class CheckpointManager:
         """Restore model, optimizer and this rank's RNG; return (trainer_state, data_state)."""
         trainer = json.loads((path / "trainer.json").read_text())
         if trainer.get("world_size") != self.world_size:
-            raise ValueError(f"checkpoint {path} was written by {trainer.get('world_size')} processes, this run has "
+            from lctrain.config import ConfigError
+            raise ConfigError(f"checkpoint {path} was written by {trainer.get('world_size')} processes, this run has "
                              f"{self.world_size}: resume with the same world size (or start a new run with "
                              "checkpoint.init_from for weights only)")
         load_model_weights(model, path / "model.safetensors")
