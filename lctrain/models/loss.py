@@ -12,7 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # softmax over a large vocabulary wants fp32
+        logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
@@ -23,7 +25,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     hidden [N, D] (final-norm output), weight [vocab, D] (LM head), labels [N] with -100 = ignored.
     Returns (loss_sum fp32 scalar, n_targets int64 scalar). The caller divides by the global number of targets.
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk_tokens):
         h = hidden[start:start + chunk_tokens]
         y = labels[start:start + chunk_tokens]
