@@ -113,6 +113,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Used when train.engine is `deepspeed`. The batch triad and gradient clipping always come from `train.*`."""
+    zero_stage: int = 1  # 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO >= 1: optimizer states (and step) on the CPU
+    offload_params: Literal["none", "cpu"] = "none"  # ZeRO 3: parameters live on the CPU between uses
+    bf16: Union[bool, Literal["auto"]] = "auto"  # auto: follow train.dtype (bf16 on CUDA)
+    reduce_bucket_size: int = 200_000_000  # elements per gradient reduction
+    allgather_bucket_size: int = 200_000_000  # elements per parameter all-gather (ZeRO 1/2)
+    overlap_comm: bool = False
+    config: str = ""  # a DeepSpeed JSON file merged under the above; it must not set what lctrain derives
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
@@ -127,6 +140,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,6 +187,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "parallel.sp": (lambda v: v > 0, "a positive integer"),
     "checkpoint.interval": (lambda v: v >= 0, "a non-negative integer (0: only at the end)"),
     "checkpoint.keep_last": (lambda v: v > 0, "a positive integer"),
+    "deepspeed.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
+    "deepspeed.reduce_bucket_size": (lambda v: v > 0, "a positive integer"),
+    "deepspeed.allgather_bucket_size": (lambda v: v > 0, "a positive integer"),
 }
 
 
@@ -376,8 +393,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps={cfg.train.steps}")
-    if cfg.data.seq_len % cfg.parallel.sp:
-        pass  # the sequence-parallel sharder pads to a multiple of sp with masked tokens
+    _validate_deepspeed(cfg.deepspeed)
+    sp = cfg.parallel.sp
+    if sp > 1 and cfg.parallel.attn == "ulysses" and (m.n_heads % sp or kv % sp):
+        raise ConfigError(f"parallel.attn: 'ulysses' shards heads, but model.n_heads={m.n_heads} / n_kv_heads={kv} "
+                          f"are not divisible by parallel.sp={sp}; use 'allgather' or 'ring'")
+    # seq_len need not divide by sp: the sharder pads with masked tokens
+
+
+def _validate_deepspeed(ds: DeepSpeedConfig) -> None:
+    if ds.offload_params != "none" and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params: {ds.offload_params!r} needs deepspeed.zero_stage=3 "
+                          f"(got {ds.zero_stage})")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        raise ConfigError(f"deepspeed.offload_optimizer: {ds.offload_optimizer!r} needs deepspeed.zero_stage >= 1")
+    if ds.config and not Path(ds.config).is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {ds.config}")
 
 
 def resolve_cache_dir(cfg: Config) -> Path:

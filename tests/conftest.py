@@ -16,3 +16,9 @@ import torch  # noqa: E402
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/token cache for the whole session, so only the first training run tokenises."""
+    return tmp_path_factory.mktemp("lctrain-cache")

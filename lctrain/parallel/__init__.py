@@ -1,0 +1,49 @@
+"""Sequence parallelism (SP) for hybrid linear / softmax-attention models.
+
+World = DP x SP; the ranks `[d*SP, (d+1)*SP)` form one SP group and see the same packed sample, each holding a
+shard of its tokens. Mixers never touch torch.distributed: they call the functions below with the placement
+found in `ctx.sp`, and every collective is issued (and its bytes counted) in `lctrain.parallel.comm`.
+
+Training loop, once per run::
+
+    groups = init_sp_groups(cfg.parallel.sp)            # collective; works single-process with sp = 1
+
+per micro-batch (every rank of an SP group loads the *same* batch; DP groups load different ones)::
+
+    local, placement = shard_batch(batch, groups.sp_rank, groups.sp_size, layout="zigzag", groups=groups,
+                                   attention_mode="allgather")
+    ctx = BatchContext.from_positions(local["position_ids"], sp=placement)
+    logits = model(local["input_ids"], ctx)
+    token_losses = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=-100,
+                                   reduction="sum")
+    targets = loss_normalizer(local["labels"], groups)  # target tokens over the whole DP x SP world
+    loss = token_losses * groups.world_size / targets   # so that *averaging* gradients over the world is exact
+    loss.backward()
+    # average gradients over all DP x SP ranks: DDP on the default (world) group, or an all_reduce(AVG) of
+    # every parameter's gradient over the world. Parameters are replicated across SP ranks and each rank only
+    # holds its tokens' share of the gradient, so the SP ranks must be included in the average.
+    metrics.update(comm_stats())                        # {"comm_bytes_linear": ..., "comm_bytes_attn": ..., ...}
+
+Mixers (q, k, v are this rank's tokens `[B, T_local, H, D]`; `ctx.sp` is the placement, None without SP)::
+
+    o = sp_linear_attention(q, k, v, log_decay=g, scale=s, placement=ctx.sp, backend=b)  # LASP-2
+    o = sp_gated_delta_rule(q, k, v, g, beta, scale=s, placement=ctx.sp, backend=b)       # LASP-2
+    o = sp_attention(q, k, v, ctx.sp, mode=None, scale=s)   # mode None -> placement.attention_mode
+    y = sp_short_conv(conv, x, ctx.sp)                      # conv(x, position_ids, prefix=...) continues a prefix
+
+The linear ops take document boundaries from the placement (position id 0 starts a document; `cu_seqlens`
+may add more) and return outputs and gradients equal to the single-process op on the full sequence. Padding
+added by `shard_batch` is its own document with labels -100; `gather_sequence` rebuilds a full sequence.
+"""
+from lctrain.parallel.attention import sp_attention
+from lctrain.parallel.comm import comm_stats
+from lctrain.parallel.groups import SPGroups, init_sp_groups, single_process_groups
+from lctrain.parallel.halo import drop_halo, extend_with_halo, sp_short_conv, sp_short_conv_halo
+from lctrain.parallel.lasp2 import sp_gated_delta_rule, sp_linear_attention
+from lctrain.parallel.sharding import SPPlacement, gather_sequence, loss_normalizer, shard_batch
+
+__all__ = [
+    "SPGroups", "SPPlacement", "comm_stats", "drop_halo", "extend_with_halo", "gather_sequence", "init_sp_groups",
+    "loss_normalizer", "shard_batch", "single_process_groups", "sp_attention", "sp_gated_delta_rule",
+    "sp_linear_attention", "sp_short_conv", "sp_short_conv_halo",
+]

@@ -16,7 +16,9 @@ class BatchPreparer:
 
     def _shard(self, batch: dict) -> tuple[dict, object]:
         from lctrain.parallel import shard_batch
-        return shard_batch(batch, self.sp_groups, layout=self.cfg.parallel.layout, attn=self.cfg.parallel.attn)
+        tensors = {k: v for k, v in batch.items() if k != "cu_seqlens"}  # boundaries are re-derived per shard
+        return shard_batch(tensors, self.sp_groups.sp_rank, self.sp_groups.sp_size, layout=self.cfg.parallel.layout,
+                           groups=self.sp_groups, attention_mode=self.cfg.parallel.attn)
 
     def local_targets(self, batch: dict) -> int:
         """Target tokens this rank's loss will cover."""
@@ -27,11 +29,12 @@ class BatchPreparer:
 
     def prepare(self, batch: dict) -> tuple[dict, BatchContext]:
         device = self.env.device
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                 if torch.is_tensor(v) and k != "cu_seqlens"}
         if self.sp_groups is None:
             return batch, BatchContext.from_positions(batch["position_ids"])
         local, placement = self._shard(batch)
-        return local, BatchContext(position_ids=local["position_ids"], cu_seqlens=None, sp=placement)
+        return local, BatchContext.from_positions(local["position_ids"], sp=placement)
 
     def comm_stats(self) -> dict:
         if self.sp_groups is None:

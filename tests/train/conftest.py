@@ -16,12 +16,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One tokenizer/token cache for the whole session, so only the first run tokenises."""
-    return tmp_path_factory.mktemp("lctrain-cache")
-
-
 def child_env(cache_dir) -> dict:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):

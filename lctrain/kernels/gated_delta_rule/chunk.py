@@ -1,0 +1,117 @@
+"""Chunked Gated DeltaNet in pure PyTorch (the CPU training path; autograd by torch).
+
+Within a chunk of C tokens with entering state S_0 and cumulative log-gates G_t = g_1 + ... + g_t, the
+recurrence S_t = exp(g_t) S_{t-1} + beta_t k_t u_t^T with u_t = v_t - exp(g_t) S_{t-1}^T k_t unrolls to a
+unit lower-triangular system for delta_t = beta_t u_t (the WY/UT form of the Gated DeltaNet paper):
+
+    (I + L) delta = beta V - diag(beta exp(G)) K S_0,   L_tj = beta_t (k_t . k_j) exp(G_t - G_j)  for j < t
+    delta = U - W S_0,   U = A diag(beta) V,   W = A diag(beta exp(G)) K,   A = (I + L)^-1
+    o_t   = scale (exp(G_t) q_t^T S_0 + sum_{j<=t} exp(G_t - G_j) (q_t . k_j) delta_j)
+    S_C   = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j delta_j^T
+
+Only the last line runs sequentially over chunks; everything else is batched over all chunks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_SIZE = 64
+
+
+def _pad_time(x: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """Zero-pad dim 1 (time) of a `[B, T, ...]` tensor to `padded_len`."""
+    extra = padded_len - x.shape[1]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, extra]
+    return F.pad(x, pad)
+
+
+def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
+    """Equal-length sequences. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`, state `[B, H, K, V]`.
+
+    Returns o `[B, T, H, V]` and the final state `[B, H, K, V]`.
+    """
+    batch, seq_len, heads, key_dim = k.shape
+    if seq_len == 0:  # an empty document: no output, state passes through
+        return v.new_zeros(v.shape), state
+    num_chunks = -(-seq_len // chunk_size)
+    padded = num_chunks * chunk_size
+    # Padded tokens have g = 0 and beta = 0: they leave the state untouched and their outputs are dropped.
+    q, k, v, g, beta = (_pad_time(x, padded) for x in (q, k, v, g, beta))
+
+    def chunks(x):  # [B, T, H, ...] -> [B, H, num_chunks, C, ...]
+        x = x.reshape(batch, num_chunks, chunk_size, heads, *x.shape[3:])
+        return x.transpose(1, 3).transpose(2, 3)
+
+    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    cum_gate = g.cumsum(-1)  # G, [B, H, NC, C]
+    gate_diff = cum_gate[..., :, None] - cum_gate[..., None, :]  # G_t - G_j
+    idx = torch.arange(chunk_size, device=q.device)
+    causal = idx[:, None] >= idx[None, :]
+    strictly_lower = idx[:, None] > idx[None, :]
+    # Mask before exp: above the diagonal G_t - G_j >= 0 and may overflow.
+    decay = torch.exp(gate_diff.masked_fill(~causal, float("-inf")))  # [B, H, NC, C, C]
+
+    lower = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay).masked_fill(~strictly_lower, 0.0)
+    eye = torch.eye(chunk_size, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([beta[..., None] * v, (beta * cum_gate.exp())[..., None] * k], dim=-1)
+    solved = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
+    value_dim = v.shape[-1]
+    u, w = solved[..., :value_dim], solved[..., value_dim:]
+
+    qk = (q @ k.transpose(-1, -2)) * decay * scale  # [B, H, NC, C, C], zero above the diagonal
+    q_gated = q * (scale * cum_gate.exp())[..., None]
+    last_gate = cum_gate[..., -1]  # G_C, [B, H, NC]
+    k_to_end = k * torch.exp(last_gate[..., None] - cum_gate)[..., None]
+
+    outputs = []
+    for c in range(num_chunks):
+        delta = u[:, :, c] - w[:, :, c] @ state
+        outputs.append(q_gated[:, :, c] @ state + qk[:, :, c] @ delta)
+        state = torch.exp(last_gate[:, :, c])[..., None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ delta
+    o = torch.stack(outputs, dim=2)  # [B, H, NC, C, V]
+    o = o.reshape(batch, heads, padded, value_dim).transpose(1, 2)[:, :seq_len]
+    return o, state
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, chunk_size: int = CHUNK_SIZE):
+    """Chunked Gated DeltaNet.
+
+    Args:
+        q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; g (log-decay, <= 0), beta: `[B, T, H]`.
+        scale: float multiplying q^T S.
+        initial_state: `[N, H, K, V]` or None (zeros).
+        output_final_state: return the state after the last token of each sequence.
+        cu_seqlens: int `[N+1]` document offsets into the T axis (B == 1), or None (N = B).
+        chunk_size: tokens per chunk C.
+
+    Returns:
+        o `[B, T, H, V]` and the final state `[N, H, K, V]` (or None), computed in float32, or float64 for
+        float64 inputs.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, g, beta = (x.to(compute) for x in (q, k, v, g, beta))
+    batch, _, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is None:
+        state = q.new_zeros(num_seqs, heads, key_dim, value_dim)
+    else:
+        state = initial_state.to(compute)
+    if cu_seqlens is None:
+        o, final = _chunked_batch(q, k, v, g, beta, scale, state, chunk_size)
+    else:
+        # Documents differ in length; run each on its own so chunks never straddle a boundary.
+        bounds = cu_seqlens.tolist()
+        outputs, finals = [], []
+        for n in range(num_seqs):
+            span = slice(bounds[n], bounds[n + 1])
+            o_n, s_n = _chunked_batch(q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], scale,
+                                      state[n:n + 1], chunk_size)
+            outputs.append(o_n)
+            finals.append(s_n)
+        o, final = torch.cat(outputs, dim=1), torch.cat(finals)
+    return o, (final if output_final_state else None)

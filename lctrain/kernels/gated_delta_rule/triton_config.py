@@ -1,0 +1,75 @@
+"""Block sizes of the Triton Gated DeltaNet kernels as a pure function of (K, V, dtype).
+
+No autotuning: what a launch uses is exactly `launch_config(K, V, dtype)`, so `aot_specs` in
+`triton_chunk.py` can list every configuration and compile it for real GPUs on a machine without one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_KEY_DIM = 128  # the state kernels hold all of K (padded to a power of two) in registers
+SUPPORTED_KEY_DIMS = (16, 32, 64, 128)
+SUPPORTED_VALUE_DIMS = (16, 32, 64, 128, 256)
+DTYPES = ("bf16", "fp16", "fp32")
+TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+CHUNK_SIZE = 32
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch configuration.
+
+    chunk: tokens per chunk (BT).
+    key_block / value_block: BK / BV of the forward per-chunk kernels and of the WY backward, which loop
+        over K and V.
+    intra_key_block / intra_value_block: BK / BV of the backward per-chunk kernel, which keeps the most
+        tiles alive and so gets the smallest blocks.
+    state_key_block: BK of the state kernels, all of K padded to a power of two (the state is K x BV).
+    state_value_block: BV of the state kernels (V is split over programs).
+    precision: `tl.dot` input precision. num_warps: of every kernel.
+    """
+
+    chunk: int
+    key_block: int
+    value_block: int
+    intra_key_block: int
+    intra_value_block: int
+    state_key_block: int
+    state_value_block: int
+    precision: str
+    num_warps: int
+
+
+def launch_config(key_dim: int, value_dim: int, dtype: str) -> LaunchConfig:
+    """Configuration for head dims K (1..128) and V (>= 1) and q/k/v element type `dtype` (one of DTYPES).
+
+    Sizes were chosen with the ahead-of-time check (`python -m lctrain.kernels.aot`): every configuration
+    compiles for sm_80 and sm_90 without register spills.
+    """
+    if not 1 <= key_dim <= MAX_KEY_DIM:
+        raise ValueError(f"gated_delta_rule: key dim K={key_dim} is not supported by the Triton kernels "
+                         f"(1 <= K <= {MAX_KEY_DIM})")
+    if value_dim < 1:
+        raise ValueError(f"gated_delta_rule: value dim V={value_dim} must be >= 1")
+    if dtype not in DTYPES:
+        raise ValueError(f"gated_delta_rule: dtype={dtype!r} is not one of {DTYPES}")
+    # tl.dot needs every block dimension >= 16.
+    padded_k = max(16, triton.next_power_of_2(key_dim))
+    padded_v = max(16, triton.next_power_of_2(value_dim))
+    return LaunchConfig(
+        chunk=CHUNK_SIZE,
+        key_block=min(padded_k, 64),
+        value_block=min(padded_v, 64),
+        intra_key_block=min(padded_k, 32),
+        intra_value_block=min(padded_v, 32),
+        state_key_block=padded_k,
+        # The K x BV fp32 state and the chunk's K-wide operand tiles must fit in registers.
+        state_value_block=min(padded_v, 32 if padded_k <= 64 else 16),
+        # tf32 tensor-core dots for every dtype: IEEE fp32 dots run on CUDA cores and spill heavily at these
+        # tile sizes. Operands are fp32 in registers either way (the interpreter computes in full fp32).
+        precision="tf32",
+        num_warps=8,
+    )

@@ -1,0 +1,121 @@
+"""Chunked pure-PyTorch `linear_attention`: the CPU training path (autograd by torch).
+
+Lightning-Attention-2 split. Inside a chunk of C tokens with inclusive cumulative log-gates
+b_i = g_1 + ... + g_i (chunk-local), and S_0 the state entering the chunk:
+
+    o_i   = scale * [ sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j  +  exp(b_i) q_i^T S_0 ]     (intra + inter)
+    S_C   = exp(b_C) S_0 + sum_j exp(b_C - b_j) k_j v_j^T                                    (state hand-off)
+
+Every exponent is <= 0, so nothing overflows. Packed documents (`cu_seqlens`) run one document at a time,
+each from its own initial state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lctrain.kernels.linear_attention.common import document_spans, per_token_log_decay, state_dtype_for
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def chunk_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked linear attention (inputs already validated).
+
+    Args:
+        q, k: `[B, T, H, K]`.  v: `[B, T, H, V]`.
+        log_decay: None, `[H]` or `[B, T, H]`, values <= 0.
+        scale: multiplies every output.
+        initial_state: `[N, H, K, V]` or None (zeros).
+        output_final_state: return the state after each sequence's last token.
+        cu_seqlens: int `[N+1]` document offsets into the T axis (B == 1), or None (N = B).
+        chunk_size: tokens per chunk C.
+
+    Returns:
+        o `[B, T, H, V]` in q's dtype, and the final state `[N, H, K, V]` (float32; float64 for float64
+        inputs) or None.
+    """
+    batch, length, heads, _ = q.shape
+    g = per_token_log_decay(log_decay, batch, length, heads)
+    if cu_seqlens is None:
+        o, final = _chunk_rows(q, k, v, g, scale, initial_state, chunk_size)
+    else:
+        pieces, finals = [], []
+        for n, (_, start, end) in enumerate(document_spans(cu_seqlens, batch, length)):
+            entering = None if initial_state is None else initial_state[n:n + 1]
+            doc_g = None if g is None else g[:, start:end]
+            o_doc, final_doc = _chunk_rows(q[:, start:end], k[:, start:end], v[:, start:end], doc_g, scale,
+                                           entering, chunk_size)
+            pieces.append(o_doc)
+            finals.append(final_doc)
+        o, final = torch.cat(pieces, dim=1), torch.cat(finals, dim=0)
+    if not output_final_state:
+        return o, None
+    return o, final.to(state_dtype_for(q.dtype))
+
+
+def _chunk_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked recurrence where every batch row is one sequence.
+
+    q, k `[B, L, H, K]`, v `[B, L, H, V]`, g `[B, L, H]` or None, initial_state `[B, H, K, V]` or None.
+    Returns o `[B, L, H, V]` (q's dtype) and the final state `[B, H, K, V]` (compute dtype).
+    """
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    # bf16/fp16 inputs are computed in fp32 so the state never rounds to half precision.
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    chunk_size = max(1, min(chunk_size, length))  # short sequences need no padding to a full chunk
+    num_chunks = max(1, -(-length // chunk_size))
+    pad = num_chunks * chunk_size - length
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # [B, L, H, D] -> [B, H, n, C, D]; padded tokens have k = v = 0 and g = 0, so they change nothing.
+        x = F.pad(x.to(compute), (0, 0, 0, 0, 0, pad))
+        return x.view(batch, num_chunks, chunk_size, heads, -1).permute(0, 3, 1, 2, 4)
+
+    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
+    if g is None:
+        gc = qc.new_zeros(batch, heads, num_chunks, chunk_size)
+    else:
+        gc = to_chunks(g.unsqueeze(-1)).squeeze(-1)
+    cum = gc.cumsum(dim=-1)  # b_i, [B, H, n, C]
+    last = cum[..., -1:]  # b_C, [B, H, n, 1]
+
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # Mask the exponent (not the product) so the upper triangle never computes exp of a positive number.
+    gaps = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+    scores = (qc @ kc.transpose(-1, -2)) * gaps.exp()  # [B, H, n, C, C]
+    o_intra = scores @ vc
+
+    q_from_start = qc * cum.exp().unsqueeze(-1)  # exp(b_i) q_i
+    k_to_end = kc * (last - cum).exp().unsqueeze(-1)  # exp(b_C - b_j) k_j
+    chunk_decay = last.squeeze(-1).exp()  # exp(b_C), [B, H, n]
+    if initial_state is None:
+        state = qc.new_zeros(batch, heads, key_dim, value_dim)
+    else:
+        state = initial_state.to(compute)
+    o_inter = []
+    for c in range(num_chunks):
+        o_inter.append(q_from_start[:, :, c] @ state)
+        state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+    o = (o_intra + torch.stack(o_inter, dim=2)) * scale  # [B, H, n, C, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk_size, heads, value_dim)[:, :length]
+    return o.to(q.dtype), state
