@@ -75,6 +75,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             unless `output_final_state`.
 
     Gradients flow to q, k, v, g, beta and initial_state.
+
+    Precision: "naive" and "torch" compute in float64 for float64 inputs and in fp32 otherwise. "triton"
+    takes fp32/bf16/fp16 q, k, v (K <= 128), keeps every intermediate and state in fp32, and on CUDA runs
+    its matrix products as tf32 tensor-core dots (about 1e-3 relative error against fp32).
     """
     _validate(q, k, v, g, beta, initial_state, cu_seqlens)
     if not isinstance(output_final_state, bool):

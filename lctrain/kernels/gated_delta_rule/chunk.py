@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lctrain.kernels.varlen import chunk_layout
+
 CHUNK_SIZE = 64
 
 
@@ -28,18 +30,14 @@ def _pad_time(x: torch.Tensor, padded_len: int) -> torch.Tensor:
     return F.pad(x, pad)
 
 
-def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
-    """Equal-length sequences. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`, state `[B, H, K, V]`.
+def _chunk_terms(q, k, v, g, beta, scale, chunk_size):
+    """Everything that does not depend on the entering state, for all chunks at once.
 
-    Returns o `[B, T, H, V]` and the final state `[B, H, K, V]`.
+    Inputs `[B, NC*C, H, ...]` (time already a multiple of C). Returns per-chunk tensors `[B, H, NC, ...]`:
+    u, w (WY form), qk (decayed causal scores), q_gated, k_to_end and last_gate.
     """
-    batch, seq_len, heads, key_dim = k.shape
-    if seq_len == 0:  # an empty document: no output, state passes through
-        return v.new_zeros(v.shape), state
-    num_chunks = -(-seq_len // chunk_size)
-    padded = num_chunks * chunk_size
-    # Padded tokens have g = 0 and beta = 0: they leave the state untouched and their outputs are dropped.
-    q, k, v, g, beta = (_pad_time(x, padded) for x in (q, k, v, g, beta))
+    batch, padded, heads, _ = k.shape
+    num_chunks = padded // chunk_size
 
     def chunks(x):  # [B, T, H, ...] -> [B, H, num_chunks, C, ...]
         x = x.reshape(batch, num_chunks, chunk_size, heads, *x.shape[3:])
@@ -59,21 +57,68 @@ def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
     rhs = torch.cat([beta[..., None] * v, (beta * cum_gate.exp())[..., None] * k], dim=-1)
     solved = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
     value_dim = v.shape[-1]
-    u, w = solved[..., :value_dim], solved[..., value_dim:]
-
-    qk = (q @ k.transpose(-1, -2)) * decay * scale  # [B, H, NC, C, C], zero above the diagonal
-    q_gated = q * (scale * cum_gate.exp())[..., None]
     last_gate = cum_gate[..., -1]  # G_C, [B, H, NC]
-    k_to_end = k * torch.exp(last_gate[..., None] - cum_gate)[..., None]
+    return {
+        "u": solved[..., :value_dim], "w": solved[..., value_dim:],
+        "qk": (q @ k.transpose(-1, -2)) * decay * scale,  # zero above the diagonal
+        "q_gated": q * (scale * cum_gate.exp())[..., None],
+        "k_to_end": k * torch.exp(last_gate[..., None] - cum_gate)[..., None],
+        "last_gate": last_gate,
+    }
 
+
+def _chunk_step(terms, c, state):
+    """Output of chunk c and the state after it, given the state entering it (`[B, H, K, V]`)."""
+    delta = terms["u"][:, :, c] - terms["w"][:, :, c] @ state
+    out = terms["q_gated"][:, :, c] @ state + terms["qk"][:, :, c] @ delta
+    state = (torch.exp(terms["last_gate"][:, :, c])[..., None, None] * state
+             + terms["k_to_end"][:, :, c].transpose(-1, -2) @ delta)
+    return out, state
+
+
+def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
+    """Equal-length sequences. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`, state `[B, H, K, V]`.
+
+    Returns o `[B, T, H, V]` and the final state `[B, H, K, V]`.
+    """
+    batch, seq_len, heads, _ = k.shape
+    if seq_len == 0:  # an empty document: no output, state passes through
+        return v.new_zeros(v.shape), state
+    num_chunks = -(-seq_len // chunk_size)
+    padded = num_chunks * chunk_size
+    # Padded tokens have g = 0 and beta = 0: they leave the state untouched and their outputs are dropped.
+    q, k, v, g, beta = (_pad_time(x, padded) for x in (q, k, v, g, beta))
+    terms = _chunk_terms(q, k, v, g, beta, scale, chunk_size)
     outputs = []
     for c in range(num_chunks):
-        delta = u[:, :, c] - w[:, :, c] @ state
-        outputs.append(q_gated[:, :, c] @ state + qk[:, :, c] @ delta)
-        state = torch.exp(last_gate[:, :, c])[..., None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ delta
+        out, state = _chunk_step(terms, c, state)
+        outputs.append(out)
     o = torch.stack(outputs, dim=2)  # [B, H, NC, C, V]
-    o = o.reshape(batch, heads, padded, value_dim).transpose(1, 2)[:, :seq_len]
+    o = o.reshape(batch, heads, padded, v.shape[-1]).transpose(1, 2)[:, :seq_len]
     return o, state
+
+
+def _chunked_packed(q, k, v, g, beta, scale, states, cu_seqlens, chunk_size):
+    """Packed documents (B == 1): every document is padded to whole chunks, all chunks are prepared together, and
+    the chunk walk restarts from each document's own initial state. states `[N, H, K, V]`."""
+    layout = chunk_layout(cu_seqlens, chunk_size)
+    if layout.num_chunks == 0:
+        return v.new_zeros(v.shape), states
+    q, k, v, g, beta = (layout.align(x) for x in (q, k, v, g, beta))  # zero padding: g = 0, beta = 0 are neutral
+    terms = _chunk_terms(q, k, v, g, beta, scale, chunk_size)
+    outputs, finals = [], list(states.unbind(0))
+    state = None
+    for c in range(layout.num_chunks):
+        doc = layout.chunk_doc[c]
+        if c == layout.doc_first_chunk[doc]:
+            state = states[doc:doc + 1]
+        out, state = _chunk_step(terms, c, state)
+        outputs.append(out)
+        if c == layout.doc_last_chunk[doc]:
+            finals[doc] = state[0]
+    o = torch.stack(outputs, dim=2)  # [1, H, NC, C, V]
+    o = o.reshape(1, o.shape[1], -1, o.shape[-1]).transpose(1, 2)
+    return layout.unalign(o), torch.stack(finals)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
@@ -104,14 +149,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_f
     if cu_seqlens is None:
         o, final = _chunked_batch(q, k, v, g, beta, scale, state, chunk_size)
     else:
-        # Documents differ in length; run each on its own so chunks never straddle a boundary.
-        bounds = cu_seqlens.tolist()
-        outputs, finals = [], []
-        for n in range(num_seqs):
-            span = slice(bounds[n], bounds[n + 1])
-            o_n, s_n = _chunked_batch(q[:, span], k[:, span], v[:, span], g[:, span], beta[:, span], scale,
-                                      state[n:n + 1], chunk_size)
-            outputs.append(o_n)
-            finals.append(s_n)
-        o, final = torch.cat(outputs, dim=1), torch.cat(finals)
+        # Chunks never straddle a document boundary: documents are padded to whole chunks (see varlen.py).
+        o, final = _chunked_packed(q, k, v, g, beta, scale, state, cu_seqlens, chunk_size)
     return o, (final if output_final_state else None)

@@ -1,7 +1,8 @@
-"""Host side of the Triton Gated DeltaNet: launch configurations, chunk tables, the autograd Function.
+"""Host side of the Triton Gated DeltaNet: chunk tables, kernel launches, the autograd Function, and the
+list of launch configurations for the ahead-of-time compile check (`aot_specs`).
 
-Launch configurations are a pure function of (K, V, dtype) so every kernel variant can be listed ahead of
-time (`aot_specs`) and compiled for real GPUs without one.
+The forward saves the per-chunk tensors the backward needs (cumulative gates, A, Aqk, W, delta and every
+chunk's entering state), so the backward recomputes nothing but walks the chunks once more in reverse.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lctrain.kernels.gated_delta_rule.triton_config import (SUPPORTED_KEY_DIMS, 
                                                             launch_config)
 from lctrain.kernels.gated_delta_rule.triton_fwd import (gdn_fwd_inverse_kernel, gdn_fwd_output_kernel,
                                                          gdn_fwd_state_kernel, gdn_fwd_wu_kernel)
+
 
 def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Uninitialised tensor for a kernel to fill; every buffer goes through here so tests can poison them."""
@@ -40,7 +42,7 @@ def chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
 
 
 def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg):
-    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]`, cu_seqlens int32 `[N+1]`.
+    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]`.
 
     Returns o `[T, H, V]` (q dtype), the final state `[N, H, K, V]` fp32 or None, and the saved tensors.
     """
@@ -81,8 +83,9 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
     return o, final_state, saved
 
 
-def _backward(q, k, v, beta, g_dtype, scale, saved, d_out, d_final, want_d_initial, cu_seqlens, cfg):
-    """Gradients (dq, dk, dv, dg, dbeta, d_initial_state or None), flat layout as in `_forward`."""
+def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_seqlens, cfg):
+    """Gradients (dq, dk, dv, dg, dbeta, d_initial_state or None), flat layout as in `_forward`; dg and dbeta
+    fp32 (autograd casts them to the inputs' dtypes)."""
     cum_gate, a_inv, a_qk, w, delta, chunk_states, chunk_indices, chunk_offsets = saved
     total, heads, key_dim = k.shape
     value_dim = v.shape[-1]
@@ -105,8 +108,8 @@ def _backward(q, k, v, beta, g_dtype, scale, saved, d_out, d_final, want_d_initi
     d_a = new_buffer((total, heads, cfg.chunk), **f32)
     d_qk = new_buffer((total, heads, cfg.chunk), **f32)
     dk = new_buffer(k.shape, dtype=k.dtype, device=k.device)
-    d_beta = new_buffer(beta.shape, dtype=beta.dtype, device=beta.device)
-    dg = new_buffer((total, heads), dtype=g_dtype, device=q.device)
+    d_beta = new_buffer((total, heads), **f32)
+    dg = new_buffer((total, heads), **f32)
     if num_chunks:
         grid = (num_chunks, heads)
         per_chunk = {"BT": cfg.chunk, "PRECISION": cfg.precision, "num_warps": cfg.num_warps}
@@ -136,17 +139,17 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        # Gates and write strengths are [T, H]: fp32 costs nothing and keeps one kernel variant per q dtype.
+        g, beta = (x.to(torch.float32).contiguous() for x in (g, beta))
         if initial_state is not None:
             initial_state = initial_state.to(torch.float32).contiguous()
         cfg = launch_config(k.shape[-1], v.shape[-1], TORCH_DTYPES[q.dtype])
         o, final_state, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state,
                                          cu_seqlens, cfg)
         ctx.save_for_backward(q, k, v, beta, cu_seqlens, *saved)
-        ctx.scale, ctx.cfg, ctx.g_dtype = scale, cfg, g.dtype
+        ctx.scale, ctx.cfg = scale, cfg
         ctx.has_initial = initial_state is not None
-        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.mark_non_differentiable(cu_seqlens)
         return o, final_state
 
     @staticmethod
@@ -155,8 +158,8 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
         d_out = d_out.contiguous()
         if d_final is not None:
             d_final = d_final.to(torch.float32).contiguous()
-        dq, dk, dv, dg, d_beta, d_initial = _backward(q, k, v, beta, ctx.g_dtype, ctx.scale, saved, d_out,
-                                                      d_final, ctx.has_initial, cu_seqlens, ctx.cfg)
+        dq, dk, dv, dg, d_beta, d_initial = _backward(q, k, v, beta, ctx.scale, saved, d_out, d_final,
+                                                      ctx.has_initial, cu_seqlens, ctx.cfg)
         return dq, dk, dv, dg, d_beta, None, d_initial, None, None
 
 
@@ -179,8 +182,9 @@ def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_
     return o.reshape(batch, seq_len, heads, value_dim), final_state
 
 
-# Arguments typed like q/k/v (or the gradient of one); every other pointer is fp32 or int32 bookkeeping.
-_ELEMENT_ARGS = {"q", "k", "v", "g", "beta", "o", "d_out", "dq", "dk", "dv", "dg", "d_beta"}
+# Arguments typed like q/k/v (or the gradient of one); every other pointer (g and beta included, which the
+# Function converts to fp32) is fp32 or int32 bookkeeping.
+_ELEMENT_ARGS = {"q", "k", "v", "o", "d_out", "dq", "dk", "dv"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 _INT_ARGS = {"H", "K", "V"}
 
@@ -202,16 +206,19 @@ def _signature(kernel, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
-def aot_specs(dtype: str) -> list:
-    """Every launch configuration of the six kernels for q/k/v element type `dtype` ("bf16"/"fp32").
+def aot_specs(dtype: str, head_dims=None) -> list:
+    """Every launch configuration of this module's kernels for q/k/v element type `dtype` ("bf16"/"fp32").
 
-    One entry per distinct block shape over the supported head dims (K and V are runtime arguments, so
-    dims sharing block sizes share a binary). Optional-state flags are compiled switched on, the variant
-    with the most live registers. Consumed by `lctrain.kernels.aot`.
+    One entry per distinct block shape over the supported head dims, or over `head_dims` (a list of (K, V))
+    when given (K and V are runtime arguments, so dims sharing block sizes share a binary). Optional-state
+    flags are compiled switched on, the variant with the most live registers. Consumed by
+    `lctrain.kernels.aot`.
     """
     from lctrain.kernels.aot import AotSpec, divisibility_attrs  # lazy: aot imports this module by name
 
-    configs = [launch_config(kd, vd, dtype) for kd in SUPPORTED_KEY_DIMS for vd in SUPPORTED_VALUE_DIMS]
+    if head_dims is None:
+        head_dims = [(kd, vd) for kd in SUPPORTED_KEY_DIMS for vd in SUPPORTED_VALUE_DIMS]
+    configs = [launch_config(kd, vd, dtype) for kd, vd in head_dims]
     variants = {}  # label -> (kernel, constexprs, num_warps); dict keeps the first of equal labels
     for cfg in configs:
         common = {"BT": cfg.chunk, "PRECISION": cfg.precision}

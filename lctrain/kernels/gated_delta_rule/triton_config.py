@@ -15,6 +15,8 @@ SUPPORTED_KEY_DIMS = (16, 32, 64, 128)
 SUPPORTED_VALUE_DIMS = (16, 32, 64, 128, 256)
 DTYPES = ("bf16", "fp16", "fp32")
 TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# 32-token chunks keep the C x C fp32 tiles (A, Aqk and their gradients) small enough that no kernel
+# spills on sm_80 or sm_90; 64 spilled in the backward.
 CHUNK_SIZE = 32
 
 
@@ -25,8 +27,8 @@ class LaunchConfig:
     chunk: tokens per chunk (BT).
     key_block / value_block: BK / BV of the forward per-chunk kernels and of the WY backward, which loop
         over K and V.
-    intra_key_block / intra_value_block: BK / BV of the backward per-chunk kernel, which keeps the most
-        tiles alive and so gets the smallest blocks.
+    intra_key_block / intra_value_block: BK / BV of the other backward per-chunk kernels (dv, dq, dk, dw),
+        which nest a V loop inside a K loop and so get the smallest blocks.
     state_key_block: BK of the state kernels, all of K padded to a power of two (the state is K x BV).
     state_value_block: BV of the state kernels (V is split over programs).
     precision: `tl.dot` input precision. num_warps: of every kernel.

@@ -6,15 +6,16 @@ b_i = g_1 + ... + g_i (chunk-local), and S_0 the state entering the chunk:
     o_i   = scale * [ sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j  +  exp(b_i) q_i^T S_0 ]     (intra + inter)
     S_C   = exp(b_C) S_0 + sum_j exp(b_C - b_j) k_j v_j^T                                    (state hand-off)
 
-Every exponent is <= 0, so nothing overflows. Packed documents (`cu_seqlens`) run one document at a time,
-each from its own initial state.
+Every exponent is <= 0, so nothing overflows. Packed documents (`cu_seqlens`) are padded to whole chunks and
+processed together; the chunk walk restarts from each document's own initial state (see kernels/varlen.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from lctrain.kernels.linear_attention.common import document_spans, per_token_log_decay, state_dtype_for
+from lctrain.kernels.linear_attention.common import per_token_log_decay, state_dtype_for
+from lctrain.kernels.varlen import ChunkLayout, chunk_layout
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -50,15 +51,18 @@ def chunk_linear_attention(
     if cu_seqlens is None:
         o, final = _chunk_rows(q, k, v, g, scale, initial_state, chunk_size)
     else:
-        pieces, finals = [], []
-        for n, (_, start, end) in enumerate(document_spans(cu_seqlens, batch, length)):
-            entering = None if initial_state is None else initial_state[n:n + 1]
-            doc_g = None if g is None else g[:, start:end]
-            o_doc, final_doc = _chunk_rows(q[:, start:end], k[:, start:end], v[:, start:end], doc_g, scale,
-                                           entering, chunk_size)
-            pieces.append(o_doc)
-            finals.append(final_doc)
-        o, final = torch.cat(pieces, dim=1), torch.cat(finals, dim=0)
+        layout = chunk_layout(cu_seqlens, chunk_size)
+        aligned = [layout.align(x) for x in (q, k, v)]
+        g_aligned = None if g is None else layout.align(g)  # zero log-gate on padding: neutral
+        num_docs = cu_seqlens.numel() - 1
+        if initial_state is None:
+            initial_state = q.new_zeros(num_docs, heads, q.shape[-1], v.shape[-1],
+                                        dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if layout.num_chunks == 0:  # only empty documents
+            o, final = v.new_zeros(v.shape), initial_state
+        else:
+            o, final = _chunk_rows(*aligned, g_aligned, scale, initial_state, chunk_size, layout)
+            o = layout.unalign(o)
     if not output_final_state:
         return o, None
     return o, final.to(state_dtype_for(q.dtype))
@@ -72,17 +76,20 @@ def _chunk_rows(
     scale: float,
     initial_state: torch.Tensor | None,
     chunk_size: int,
+    layout: ChunkLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked recurrence where every batch row is one sequence.
+    """Chunked recurrence where every batch row is one sequence, or (with a chunk `layout`, B == 1) where the
+    chunks of several chunk-aligned documents follow each other.
 
-    q, k `[B, L, H, K]`, v `[B, L, H, V]`, g `[B, L, H]` or None, initial_state `[B, H, K, V]` or None.
-    Returns o `[B, L, H, V]` (q's dtype) and the final state `[B, H, K, V]` (compute dtype).
+    q, k `[B, L, H, K]`, v `[B, L, H, V]`, g `[B, L, H]` or None, initial_state `[B or N, H, K, V]` or None.
+    Returns o `[B, L, H, V]` (q's dtype) and the final state `[B or N, H, K, V]` (compute dtype).
     """
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     # bf16/fp16 inputs are computed in fp32 so the state never rounds to half precision.
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    chunk_size = max(1, min(chunk_size, length))  # short sequences need no padding to a full chunk
+    if layout is None:
+        chunk_size = max(1, min(chunk_size, length))  # short sequences need no padding to a full chunk
     num_chunks = max(1, -(-length // chunk_size))
     pad = num_chunks * chunk_size - length
 
@@ -113,9 +120,18 @@ def _chunk_rows(
     else:
         state = initial_state.to(compute)
     o_inter = []
+    finals = list(state.unbind(0)) if layout is not None else None
     for c in range(num_chunks):
+        if layout is not None:  # packed documents: each starts from its own state
+            doc = layout.chunk_doc[c]
+            if c == layout.doc_first_chunk[doc]:
+                state = initial_state[doc:doc + 1].to(compute)
         o_inter.append(q_from_start[:, :, c] @ state)
         state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+        if layout is not None and c == layout.doc_last_chunk[doc]:
+            finals[doc] = state[0]
+    if layout is not None:
+        state = torch.stack(finals)
     o = (o_intra + torch.stack(o_inter, dim=2)) * scale  # [B, H, n, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk_size, heads, value_dim)[:, :length]
     return o.to(q.dtype), state

@@ -1,0 +1,85 @@
+"""Ahead-of-time compile check of the gated_delta_rule Triton kernels for sm_80 / sm_90 (no GPU needed).
+
+The checker must run without TRITON_INTERPRET (which this test process sets), so it runs in a subprocess.
+The default suite compiles the largest launch configuration (K=128, V=256) and a mid-sized one; the full
+sweep over every supported head dim is marked slow.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lctrain.kernels import aot
+
+MODULE = "lctrain.kernels.gated_delta_rule.triton_chunk"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Runs in a clean interpreter: compile the specs of `head_dims` for every arch and dtype, print the report.
+_SUBSET_CHECK = """
+import json, sys
+from lctrain.kernels import aot
+from lctrain.kernels.gated_delta_rule.triton_chunk import aot_specs
+head_dims = [tuple(d) for d in json.loads(sys.argv[1])]
+results = []
+for dtype in aot.DEFAULT_DTYPES:
+    wanted = {spec.label for spec in aot_specs(dtype, head_dims)}
+    for index, spec in enumerate(aot._specs(sys.argv[2], dtype)):
+        if spec.label in wanted:
+            results.extend(aot.check_one(sys.argv[2], dtype, index, arch) for arch in aot.DEFAULT_ARCHS)
+print(json.dumps(results))
+"""
+
+
+def _compile_env(cache_dir):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = cache_dir  # a private cache: the check must really compile
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def _assert_all_ok(results):
+    assert results, "no launch configuration was checked"
+    failures = [r for r in results if not r["ok"]]
+    assert not failures, json.dumps(failures, indent=1)
+    for r in results:
+        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
+        assert r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
+
+
+def test_registered_with_the_checker():
+    assert MODULE in aot.AOT_MODULES
+    from lctrain.kernels.gated_delta_rule import triton_bwd, triton_fwd
+    from lctrain.kernels.gated_delta_rule.triton_chunk import aot_specs
+
+    for dtype in aot.DEFAULT_DTYPES:
+        labels = [spec.label for spec in aot_specs(dtype)]
+        assert len(labels) == len(set(labels))
+        listed = {spec.kernel.__name__ for spec in aot_specs(dtype)}
+        defined = {name for module in (triton_fwd, triton_bwd) for name in vars(module)
+                   if name.startswith("gdn_") and name.endswith("_kernel")}
+        assert listed == defined  # every kernel the autograd Function launches is checked
+
+
+def test_largest_configs_compile_without_spills():
+    with tempfile.TemporaryDirectory() as cache_dir:
+        proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, json.dumps([[128, 256], [64, 64]]), MODULE],
+                              capture_output=True, text=True, env=_compile_env(cache_dir), timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["arch"] for r in results} == set(aot.DEFAULT_ARCHS)
+    assert {r["dtype"] for r in results} == set(aot.DEFAULT_DTYPES)
+    _assert_all_ok(results)
+
+
+@pytest.mark.slow
+def test_every_config_compiles_without_spills():
+    with tempfile.TemporaryDirectory() as cache_dir:
+        proc = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "gated_delta_rule"],
+                              capture_output=True, text=True, env=_compile_env(cache_dir), timeout=3600, cwd=REPO_ROOT)
+    report = json.loads(proc.stdout)
+    _assert_all_ok(report["results"])
+    assert report["ok"] and proc.returncode == 0
