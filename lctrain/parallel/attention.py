@@ -138,12 +138,14 @@ class _RingAttention(torch.autograd.Function):
         o = lse = None
         for step in range(world):
             src = (rank - step) % world                  # owner of the block held at this step
+            # post the next hop first: the block travels while this one is computed
+            pending = comm.ring_shift_async(kv, groups, KIND) if step < world - 1 else None
             mask = _mask(placement, rank, src)
             if mask.any():
                 k_s, v_s = kv.split(k.shape[-1], dim=-1)
                 o, lse = merge(o, lse, *block_forward(q, k_s, v_s, mask, scale))
-            if step < world - 1:
-                kv = comm.ring_shift(kv, groups, KIND)
+            if pending is not None:
+                kv = pending.wait()
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.placement, ctx.scale = placement, scale
         return o.to(q.dtype)
@@ -160,14 +162,15 @@ class _RingAttention(torch.autograd.Function):
         dkv = kv.new_zeros(kv.shape, dtype=o.dtype)     # gradient of the visiting block, travels with it
         for step in range(world):
             src = (rank - step) % world
+            pending = comm.ring_shift_async(kv, groups, KIND) if step < world - 1 else None
             mask = _mask(placement, rank, src)
             if mask.any():
                 k_s, v_s = kv.split(d, dim=-1)
                 dq_s, dk_s, dv_s = block_backward(q, k_s, v_s, mask, scale, lse, grad_o, delta)
                 dq += dq_s
                 dkv += torch.cat([dk_s, dv_s], dim=-1)
-            if step < world - 1:
-                kv = comm.ring_shift(kv, groups, KIND)
+            if pending is not None:
+                kv = pending.wait()
             # after the last step the visiting block belongs to rank + 1: one more hop brings dK/dV home
             dkv = comm.ring_shift(dkv, groups, KIND)
         dk, dv = dkv.to(k.dtype).split(d, dim=-1)

@@ -126,6 +126,35 @@ def ring_shift(x: torch.Tensor, groups: SPGroups, kind: str) -> torch.Tensor:
     return received
 
 
+class PendingShift:
+    """A ring hop in flight: `wait()` returns the tensor received from SP rank r-1."""
+
+    def __init__(self, received: torch.Tensor, requests: list):
+        self.received = received
+        self.requests = requests
+
+    def wait(self) -> torch.Tensor:
+        for request in self.requests:
+            request.wait()
+        return self.received
+
+
+def ring_shift_async(x: torch.Tensor, groups: SPGroups, kind: str) -> PendingShift:
+    """Post the send of `x` to SP rank r+1 and the receive from r-1 without waiting, so the caller can compute
+    on the block it holds while the next one travels (ring attention's overlap)."""
+    world = groups.sp_size
+    if world == 1:
+        return PendingShift(x, [])
+    x = x.contiguous()
+    received = torch.empty_like(x)
+    r = groups.sp_rank
+    ops = [dist.P2POp(dist.isend, x, groups.sp_global_rank((r + 1) % world), groups.sp_group),
+           dist.P2POp(dist.irecv, received, groups.sp_global_rank((r - 1) % world), groups.sp_group)]
+    requests = dist.batch_isend_irecv(ops)
+    _count(kind, 2 * _nbytes(x))
+    return PendingShift(received, requests)
+
+
 def all_reduce_world(x: torch.Tensor, groups: SPGroups, kind: str) -> torch.Tensor:
     """Sum `x` over every rank of the world (DP x SP); returns a new tensor."""
     out = x.clone()
