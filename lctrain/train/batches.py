@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from lctrain.config import ConfigError
+from lctrain.data.landmarks import insert_landmarks, landmark_layout
 from lctrain.models.context import BatchContext
 
 
@@ -13,6 +15,9 @@ class BatchPreparer:
         if layout.sp > 1:
             from lctrain.parallel import init_sp_groups
             self.sp_groups = init_sp_groups(layout.sp)
+        self.landmarks = landmark_layout(cfg)  # (token id, block size) when the model has landmark layers
+        if self.landmarks is not None and layout.sp > 1:
+            raise ConfigError("parallel.sp: landmark layers do not support sequence parallelism; use parallel.sp=1")
 
     def _shard(self, batch: dict) -> tuple[dict, object]:
         from lctrain.parallel import shard_batch
@@ -29,6 +34,8 @@ class BatchPreparer:
 
     def prepare(self, batch: dict) -> tuple[dict, BatchContext]:
         device = self.env.device
+        if self.landmarks is not None:  # landmarks add no targets, so local_targets needs no change
+            batch = insert_landmarks(batch, *self.landmarks)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                  if torch.is_tensor(v) and k != "cu_seqlens"}
         if self.sp_groups is None:
