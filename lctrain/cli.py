@@ -16,6 +16,22 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SUBCOMMANDS = {}  # name -> callable(argv) -> int; filled by subpackages that add commands
 
 
+def _export(argv: list[str]) -> int:
+    from lctrain.export.command import export_main  # imported on use: keeps `python -m lctrain` start-up light
+    return export_main(argv)
+
+
+SUBCOMMANDS["export"] = _export
+
+
+def _eval(argv: list[str]) -> int:
+    from lctrain.eval.command import eval_main  # imported on use, like export
+    return eval_main(argv)
+
+
+SUBCOMMANDS["eval"] = _eval
+
+
 def find_recipe(name: str) -> Path:
     """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
     path = Path(name)

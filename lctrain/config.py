@@ -51,12 +51,21 @@ class ModelConfig:
     attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
 
 
+SYNTHETIC_SOURCES = ("mqar", "passkey")  # generated from a seed (lctrain.data.synthetic), no files
+
+
 @dataclass
 class SourceConfig:
-    type: Literal["text", "jsonl", "parquet", "stdlib"] = "text"
-    path: str = ""  # file, directory or glob (unused for `stdlib`)
+    type: Literal["text", "jsonl", "parquet", "stdlib", "mqar", "passkey"] = "text"
+    path: str = ""  # file, directory or glob (unused for `stdlib` and the synthetic types)
     field: str = "text"  # jsonl/parquet column holding the document
     weight: float = 1.0  # mixture weight across sources
+    # Synthetic types only (`mqar`, `passkey`):
+    num_examples: int = 20000  # documents per epoch (the held-out split adds data.eval_fraction of that)
+    seed: int = 0  # the documents are a pure function of this seed and the options below
+    length: int = 0  # tokens per document; 0: data.seq_len - 2, so that [BOS] doc [EOS] fills one window
+    num_kv_pairs: int = 8  # mqar: key-value pairs per document (all of them are queried)
+    task_vocab: int = 256  # mqar: token ids used, keys from the first half, values from the second
 
 
 @dataclass
@@ -383,10 +392,12 @@ def validate(cfg: Config) -> None:
     elif not m.pattern or not all(isinstance(p, str) and p for p in m.pattern):
         raise ConfigError(f"model.pattern: {m.pattern!r}; expected a string of layer letters or a list of names")
     for i, src in enumerate(cfg.data.sources):
-        if src.type != "stdlib" and not src.path:
+        if src.type not in ("stdlib",) + SYNTHETIC_SOURCES and not src.path:
             raise ConfigError(f"data.sources[{i}].path: empty; a {src.type!r} source needs a file, directory or glob")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: {src.weight!r} is not allowed; expected a positive number")
+        if src.type in SYNTHETIC_SOURCES:
+            _validate_synthetic(src, f"data.sources[{i}]", cfg.data.seq_len)
     if not cfg.data.sources:
         raise ConfigError("data.sources: empty; expected at least one source")
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
@@ -399,6 +410,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.attn: 'ulysses' shards heads, but model.n_heads={m.n_heads} / n_kv_heads={kv} "
                           f"are not divisible by parallel.sp={sp}; use 'allgather' or 'ring'")
     # seq_len need not divide by sp: the sharder pads with masked tokens
+
+
+def _validate_synthetic(src: SourceConfig, key: str, seq_len: int) -> None:
+    """Options of a generated source; the token-id range of `mqar` is checked against the tokenizer later."""
+    if src.num_examples <= 0:
+        raise ConfigError(f"{key}.num_examples: {src.num_examples!r} is not allowed; expected a positive integer")
+    if src.length < 0:
+        raise ConfigError(f"{key}.length: {src.length!r} is not allowed; expected 0 (data.seq_len - 2) or a "
+                          "positive integer")
+    length = src.length or seq_len - 2
+    if src.type == "mqar":
+        if src.num_kv_pairs <= 0:
+            raise ConfigError(f"{key}.num_kv_pairs: {src.num_kv_pairs!r} is not allowed; expected a positive integer")
+        if src.task_vocab < 4 or src.task_vocab % 2:
+            raise ConfigError(f"{key}.task_vocab: {src.task_vocab!r} is not allowed; expected an even integer >= 4")
+        if src.num_kv_pairs > src.task_vocab // 2:
+            raise ConfigError(f"{key}.num_kv_pairs: {src.num_kv_pairs} distinct keys do not fit in task_vocab/2 = "
+                              f"{src.task_vocab // 2} key ids; lower it or raise task_vocab")
+        if length < 4 * src.num_kv_pairs:
+            raise ConfigError(f"{key}.length: {length} tokens cannot hold {src.num_kv_pairs} pairs and their "
+                              f"queries; expected >= 4 * num_kv_pairs = {4 * src.num_kv_pairs} (raise data.seq_len "
+                              "or length)")
+    elif length < 64:
+        raise ConfigError(f"{key}.length: {length} tokens is too short for a passkey prompt; expected >= 64")
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig) -> None:

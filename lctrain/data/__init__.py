@@ -11,6 +11,7 @@ seq_len]`, and `cu_seqlens` int32 `[N+1]` (document boundaries over the flattene
 `lctrain.models.context.cu_seqlens_from_positions(position_ids)`).
 
 Modules: `sources` (reading files through HF datasets), `stdlib_source` (the embedded default corpus),
+`synthetic` (seeded MQAR and passkey documents, generated in memory instead of cached),
 `tokenizer`, `token_store` (memory-mapped token cache), `cache` (atomic, locked cache entries), `sampling` (split
 and mixture), `packing` (windows), `loader` (order, sharding, state).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from lctrain.config import Config, ConfigError, resolve_cache_dir
+from lctrain.config import SYNTHETIC_SOURCES, Config, ConfigError, resolve_cache_dir
 from lctrain.data import loader as _loader
 from lctrain.data import token_store
 from lctrain.data.cache import stable_hash
@@ -63,7 +64,9 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
         if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
             raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer!r} defines no BOS/EOS pieces; expected a model "
                               "trained with bos_id and eos_id set")
-        tokens = [token_store.load_or_build(source, tokenizer, data_cfg.eval_fraction, cache_dir, progress)
+        tokens = [source.build_tokens(tokenizer, data_cfg.eval_fraction, data_cfg.seq_len)
+                  if source.config.type in SYNTHETIC_SOURCES else
+                  token_store.load_or_build(source, tokenizer, data_cfg.eval_fraction, cache_dir, progress)
                   for source in sources]
     for source, store in zip(sources, tokens):
         if len(store.train) == 0:
@@ -86,6 +89,8 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
 
 
 def _describe(source: Source) -> str:
+    if source.config.type in SYNTHETIC_SOURCES:
+        return f"the {source.config.type} generator"
     return "the standard library" if source.config.type == "stdlib" else repr(source.config.path)
 
 

@@ -10,6 +10,7 @@ Source types (each reads local files only; `datasets` does the reading and keeps
 - `jsonl`: one JSON object per line; the document is the string in `field` (default `text`).
 - `parquet`: the document is the string column `field`.
 - `stdlib`: the Python standard library's source files (see `stdlib_source`); `path` is unused.
+- `mqar`, `passkey`: generated from a seed (see `synthetic`); `path` is unused.
 
 `path` is a file, a directory (searched recursively for the type's extensions, see `EXTENSIONS`) or a glob
 (`data/**/*.jsonl`). Files are taken in sorted order so the document order does not depend on the file system.
@@ -23,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from lctrain.config import ConfigError, SourceConfig
+from lctrain.config import SYNTHETIC_SOURCES, ConfigError, SourceConfig
 from lctrain.data import stdlib_source
 
 LARGE_TEXT_BYTES = 1 << 20
@@ -222,6 +223,10 @@ def build_sources(configs: list, max_documents: int, hf_cache_dir: Path) -> list
         if config.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: {config.weight!r} is not allowed; expected a positive "
                               "number")
+        if config.type in SYNTHETIC_SOURCES:  # generated from a seed: see `lctrain.data.synthetic`
+            from lctrain.data.synthetic import SyntheticSource
+            sources.append(SyntheticSource(config, i, max_documents))
+            continue
         if config.type != "stdlib" and not config.path:
             raise ConfigError(f"data.sources[{i}].path: empty; a {config.type!r} source needs a file, directory "
                               "or glob")

@@ -46,6 +46,9 @@ from typing import Any
 AOT_MODULES: list[str] = [
     "lctrain.kernels.linear_attention.triton_chunk",
     "lctrain.kernels.gated_delta_rule.triton_chunk",
+    "lctrain.kernels.local_attention.triton_local",
+    "lctrain.kernels.taylor_linear_attention.triton_chunk",
+    "lctrain.kernels.titans_memory.triton_chunk",
 ]
 
 # Largest dynamic shared memory one block may use (opt-in limit), in bytes.

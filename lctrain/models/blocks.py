@@ -61,7 +61,7 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] rotated by its positions; computed in fp32, returned in x's dtype."""
         xf = x.float()
         half = xf.shape[-1] // 2

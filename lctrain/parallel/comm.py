@@ -66,6 +66,31 @@ def all_gather(x: torch.Tensor, groups: SPGroups, kind: str) -> torch.Tensor:
     return out.view((world,) + tuple(x.shape))
 
 
+class PendingGather:
+    """An all_gather in flight: `wait()` returns `[W, *S]`."""
+
+    def __init__(self, out: torch.Tensor, shape: tuple, request):
+        self.out, self.shape, self.request = out, shape, request
+
+    def wait(self) -> torch.Tensor:
+        if self.request is not None:
+            self.request.wait()
+        return self.out.view(self.shape)
+
+
+def all_gather_async(x: torch.Tensor, groups: SPGroups, kind: str) -> PendingGather:
+    """Start `all_gather` and return at once, so local work can run while the summaries travel."""
+    world = groups.sp_size
+    shape = (world,) + tuple(x.shape)
+    if world == 1:
+        return PendingGather(x.reshape(-1).clone(), shape, None)
+    flat = x.contiguous().reshape(-1)
+    out = flat.new_empty(world * flat.numel())
+    request = _all_gather_single(out, flat, group=groups.sp_group, async_op=True)
+    _count(kind, 2 * (world - 1) * _nbytes(x))
+    return PendingGather(out, shape, request)
+
+
 def reduce_scatter(x: torch.Tensor, groups: SPGroups, kind: str) -> torch.Tensor:
     """`x [W, *S]` on every SP rank -> `[*S]`: the sum over ranks of row `sp_rank`."""
     world = groups.sp_size

@@ -74,11 +74,10 @@ class _EnteringStates(torch.autograd.Function):
     """Summaries of the local chunks -> state entering each local chunk (one AllGather each way)."""
 
     @staticmethod
-    def forward(ctx, a_local, b_local, placement: SPPlacement, matrix: bool):
-        # a_local [R, n, H] or [R, n, H, K, K]; b_local [R, n, H, K, V]
-        rows, n_local = b_local.shape[:2]
-        packed = torch.cat([a_local.reshape(rows, n_local, -1), b_local.reshape(rows, n_local, -1)], dim=-1)
-        gathered = comm.all_gather(packed, placement.groups, KIND)        # [W, R, n, P]
+    def forward(ctx, a_local, b_local, gathered, placement: SPPlacement, matrix: bool):
+        # a_local [R, n, H] or [R, n, H, K, K]; b_local [R, n, H, K, V]; gathered [W, R, n, P]: every rank's
+        # packed (A, B), already all-gathered by `start_gather` (so the caller can overlap work with it)
+        rows = b_local.shape[0]
         a_size = a_local[0, 0].numel()
         order = _global_order(placement)
         a_all = _to_global(gathered[..., :a_size], order).reshape((rows, -1) + tuple(a_local.shape[2:]))
@@ -111,7 +110,15 @@ class _EnteringStates(torch.autograd.Function):
             grad_a = torch.zeros_like(a_all)
             grad_a[:, :-1] = (total[:, 1:] * entering[:, :-1]).sum(dim=(-1, -2))
         local = list(placement.chunk_ids)
-        return grad_a[:, local], grad_b[:, local], None, None
+        return grad_a[:, local], grad_b[:, local], None, None, None
+
+
+def start_gather(a_local: torch.Tensor, b_local: torch.Tensor, placement: SPPlacement) -> comm.PendingGather:
+    """Post the one forward AllGather of the local (A, B) summaries; `_EnteringStates` consumes the result."""
+    rows, n_local = b_local.shape[:2]
+    packed = torch.cat([a_local.detach().reshape(rows, n_local, -1), b_local.detach().reshape(rows, n_local, -1)],
+                       dim=-1)
+    return comm.all_gather_async(packed, placement.groups, KIND)
 
 
 def _global_order(placement: SPPlacement) -> list[tuple[int, int]]:
@@ -146,23 +153,65 @@ def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape((1, -1) + tuple(x.shape[2:]))
 
 
-def _run_sp(name, q, k, v, placement, cu_seqlens, summarise, call):
-    """Shared LASP-2 driver: summarise the local chunks -> entering states -> run the op from them."""
+def _run_sp(name, q, k, v, placement, cu_seqlens, summarise):
+    """Shared LASP-2 driver.
+
+    `summarise(cu, last_seg, has_start, doc_start)` returns `(a, b, matrix, finish)`: the local chunk summaries and
+    a function `finish(initial, continuing)` giving this rank's output from the state entering each local segment
+    (`initial [n_seg, H, K, V]`, zero where a segment starts a document; `continuing` lists the segments that
+    continue a document from an earlier chunk). The summaries' AllGather is posted
+    before `finish`'s state-independent work would need it, so that work overlaps with the collective.
+    """
     _check(name, placement, q, k, v)
     rows, local_len = q.shape[:2]
     cu, first_seg, last_seg, has_start, doc_start = _segments(placement, cu_seqlens, rows, local_len)
+    a, b, matrix, finish = summarise(cu, last_seg, has_start, doc_start)
     if placement.num_chunks == 1:
-        # the whole row is one chunk: nothing enters it, a plain packed call is exact
-        o, _ = call(None, cu)
-        return o.reshape(v.shape)
-    a, b, matrix = summarise(cu, last_seg, has_start, doc_start)
-    entering = _EnteringStates.apply(a, b, placement, matrix)           # [B, n_local, H, K, V]
+        # the whole row is one chunk: nothing enters it
+        return finish(None, []).reshape(v.shape)
+    pending = start_gather(a, b, placement)
+    finish.prepare()  # state-independent local work while the summaries travel
+    entering = _EnteringStates.apply(a, b, pending.wait(), placement, matrix)   # [B, n_local, H, K, V]
     continues = placement.continues.to(entering.device)
     n_seg = cu.numel() - 1
     initial = entering.new_zeros((n_seg,) + tuple(entering.shape[2:]))
-    initial = initial.index_copy(0, first_seg[continues], entering[continues])
-    o, _ = call(initial, cu)
-    return o.reshape(v.shape)
+    continuing = first_seg[continues]
+    initial = initial.index_copy(0, continuing, entering[continues])
+    return finish(initial, continuing.tolist()).reshape(v.shape)
+
+
+class _AffineOutput:
+    """A linear op's output is affine in the state entering each segment: o_t = o0_t + P_t S_in(segment of t),
+    with o0 the output from a zero state and P_t [H, K] the map of the entering state into token t's output.
+    `prepare()` computes (o0, P) — the work that overlaps with the AllGather — and calling with the entering
+    states adds P_t S_in for the segments that continue a document."""
+
+    def __init__(self, compute, cu: torch.Tensor):
+        self.compute, self.cu = compute, cu
+        self.o0 = self.p = None
+
+    def prepare(self) -> None:
+        if self.o0 is None:
+            self.o0, self.p = self.compute()
+
+    def __call__(self, initial: torch.Tensor | None, continuing: list[int]) -> torch.Tensor:
+        self.prepare()
+        if initial is None:
+            return self.o0
+        if not continuing:
+            # Nothing enters this rank, but every rank must take part in the backward AllGather of
+            # `_EnteringStates`: keep the entering states in the graph with a zero contribution.
+            return self.o0 + (initial.sum() * 0).to(self.o0.dtype)
+        bounds = self.cu.tolist()
+        active = set(continuing)
+        pieces = []
+        for seg, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            piece = self.o0[:, lo:hi]
+            if seg in active:  # a continuing segment: add what the entering state contributes
+                contribution = torch.einsum("bthk,hkv->bthv", self.p[:, lo:hi].to(initial.dtype), initial[seg])
+                piece = piece + contribution.to(piece.dtype)
+            pieces.append(piece)
+        return torch.cat(pieces, dim=1)
 
 
 def _default_op(name: str):
@@ -187,10 +236,6 @@ def sp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     flat_decay = _flat(log_decay) if log_decay is not None and log_decay.dim() == 3 else log_decay
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
 
-    def call(initial, cu):
-        return op(qf, kf, vf, log_decay=flat_decay, scale=scale, initial_state=initial, output_final_state=False,
-                  cu_seqlens=cu, backend=backend)
-
     def summarise(cu, last_seg, has_start, doc_start):
         # Closed form, no op call: B = sum_t exp(g_{t+1} + ... + g_end) k_t v_t^T over the chunk's last segment.
         rows, n_local, c = doc_start.shape
@@ -210,9 +255,23 @@ def sp_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
         weighted_k = k.reshape(rows, n_local, c, heads, -1).to(dtype) * weight[..., None]
         b = torch.einsum("bntHk,bntHv->bnHkv", weighted_k, v.reshape(rows, n_local, c, heads, -1).to(dtype))
         a = torch.exp(g.sum(dim=2)) * (~has_start).to(dtype)[..., None]
-        return a, b, False
 
-    return _run_sp(name, q, k, v, placement, cu_seqlens, summarise, call)
+        def compute():
+            # zero-state output of every segment, and P_t = scale exp(G_t) q_t with G_t the log-decay summed from
+            # the segment start through t: the entering state reaches token t decayed by exp(G_t)
+            o0, _ = op(qf, kf, vf, log_decay=flat_decay, scale=scale, initial_state=None, output_final_state=False,
+                       cu_seqlens=cu, backend=backend)
+            g_tok = g.reshape(1, rows * n_local * c, heads)
+            seg_of = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), (cu[1:] - cu[:-1]).long())
+            total = torch.cumsum(g_tok, dim=1)
+            before = torch.cat([total.new_zeros(1, 1, heads), total[:, :-1]], dim=1)
+            seg_offset = before[:, cu[:-1].long()][:, seg_of]                            # sum of g before the segment
+            s = q.shape[-1] ** -0.5 if scale is None else scale
+            p = qf.to(dtype) * (s * torch.exp(total - seg_offset))[..., None]
+            return o0, p
+        return a, b, False, _AffineOutput(compute, cu)
+
+    return _run_sp(name, q, k, v, placement, cu_seqlens, summarise)
 
 
 def sp_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -232,10 +291,6 @@ def sp_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
             raise ValueError(f"{name}: {label} must be [B, T_local, H] = {tuple(q.shape[:3])}, got {tuple(t.shape)}")
     qf, kf, vf, gf, bf = _flat(q), _flat(k), _flat(v), _flat(g), _flat(beta)
 
-    def call(initial, cu):
-        return op(qf, kf, vf, gf, bf, scale=scale, initial_state=initial, output_final_state=False,
-                  cu_seqlens=cu, backend=backend)
-
     def summarise(cu, last_seg, has_start, doc_start):
         key_dim = k.shape[-1]
         n_seg = cu.numel() - 1
@@ -243,10 +298,13 @@ def sp_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
         eye = torch.eye(key_dim, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
         start = torch.cat([eye.expand(n_seg, q.shape[2], key_dim, key_dim),
                            eye.new_zeros(n_seg, q.shape[2], key_dim, v.shape[-1])], dim=-1)
-        _, final = op(qf, kf, augmented, gf, bf, scale=scale, initial_state=start, output_final_state=True,
-                      cu_seqlens=cu, backend=backend)
+        # One call gives everything: the state columns evolve independently, so from [I | 0] with values [0 | v]
+        # the output is [P_t | o0_t] (P_t = scale q_t^T Phi_t maps the entering state into token t's output)
+        # and the final state is [A | B] for each segment.
+        out, final = op(qf, kf, augmented, gf, bf, scale=scale, initial_state=start, output_final_state=True,
+                        cu_seqlens=cu, backend=backend)
         final = final[last_seg]                                          # [B, n, H, K, K + V]
         a = final[..., :key_dim] * (~has_start).to(final.dtype)[..., None, None, None]
-        return a, final[..., key_dim:], True
+        return a, final[..., key_dim:], True, _AffineOutput(lambda: (out[..., key_dim:], out[..., :key_dim]), cu)
 
-    return _run_sp(name, q, k, v, placement, cu_seqlens, summarise, call)
+    return _run_sp(name, q, k, v, placement, cu_seqlens, summarise)

@@ -6,6 +6,8 @@ Layout of one checkpoint:
     trainer.json            step, tokens seen, scheduler state, skipped steps, world layout
     rank-<r>.pt             per-rank RNG states (python, numpy, torch, cuda) and data-loader state
     config.yaml             the resolved config
+    deepspeed/              DeepSpeed engines only: its own model/optimizer (ZeRO partition) files, in place of
+                            optimizer.pt; model.safetensors is still written, so export and init_from work alike
 
 Everything is written into `.tmp-step-<N>/` first; rank 0 renames it to `step-<N>/` once every rank has finished
 and only then replaces `latest` (write-new-then-rename), so a kill at any moment leaves `latest` naming a complete
@@ -116,8 +118,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, trainer_state: dict, data_state: dict, config_yaml: str,
-             barrier) -> Path:
-        """Collective: every rank calls it. Returns the final directory."""
+             barrier, collective_write=None) -> Path:
+        """Collective: every rank calls it. Returns the final directory. `collective_write(tmp_dir)`, when given,
+        runs on every rank before the files above are written (engines whose state is sharded save it there);
+        `model` / `optimizer` may then be None."""
         final = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
         if self.rank == 0:
@@ -125,16 +129,20 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        if collective_write is not None:
+            collective_write(tmp)
         torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank-{self.rank}.pt")
         if self.rank == 0:
-            save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if model is not None:
+                save_file(_model_tensors(model), str(tmp / "model.safetensors"))
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "world_size": self.world_size},
                                                          indent=1))
         barrier()
         if self.rank == 0:
-            for f in tmp.iterdir():
+            for f in (f for f in tmp.rglob("*") if f.is_file()):
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
             _fsync_dir(tmp)
@@ -153,16 +161,20 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, model, optimizer) -> tuple[dict, dict]:
-        """Restore model, optimizer and this rank's RNG; return (trainer_state, data_state)."""
+    def load(self, path: Path, model, optimizer, load_engine_state=None) -> tuple[dict, dict]:
+        """Restore model, optimizer and this rank's RNG; return (trainer_state, data_state).
+        `load_engine_state(path)` replaces the model/optimizer part for engines that saved their own."""
         trainer = json.loads((path / "trainer.json").read_text())
         if trainer.get("world_size") != self.world_size:
             from lctrain.config import ConfigError
             raise ConfigError(f"checkpoint {path} was written by {trainer.get('world_size')} processes, this run has "
                              f"{self.world_size}: resume with the same world size (or start a new run with "
                              "checkpoint.init_from for weights only)")
-        load_model_weights(model, path / "model.safetensors")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if load_engine_state is not None:
+            load_engine_state(path)
+        else:
+            load_model_weights(model, path / "model.safetensors")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=True)
         set_rng_state(per_rank["rng"])
         return trainer, per_rank["data"]

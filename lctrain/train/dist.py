@@ -1,4 +1,5 @@
-"""Process-group set-up: rank discovery from torchrun, SLURM (one task per process) or Open MPI variables."""
+"""Process-group set-up: rank discovery from torchrun, SLURM (one task per process) or MPI (Open MPI variables,
+or mpi4py); rank 0's address from `lctrain.train.rendezvous`."""
 from __future__ import annotations
 
 import datetime
@@ -36,7 +37,8 @@ def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
     ):
         if rank_key in environ and size_key in environ:
             return int(environ[rank_key]), int(environ[size_key]), int(environ.get(local_key, 0))
-    return 0, 1, 0
+    from lctrain.train.rendezvous import mpi_ranks
+    return mpi_ranks(environ) or (0, 1, 0)
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
@@ -50,8 +52,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
     if chosen == "nccl" and not use_cuda:
         raise RuntimeError("parallel.backend='nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU")
     if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        from lctrain.train.rendezvous import agree_on_master
+        agree_on_master()  # mpirun / srun leave MASTER_ADDR and MASTER_PORT to us
         os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(local)
         dist.init_process_group(chosen, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -21,7 +21,7 @@ from lctrain.train.checkpoint import CheckpointManager, load_model_weights, reso
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from lctrain.train.memory import activation_memory_estimate
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
-from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.engine import build_engine
 from lctrain.train.signals import StopRequest
 
 
@@ -70,6 +70,9 @@ class Trainer:
         self.main = env.is_main
         self.run_dir = Path(cfg.run.dir)
         seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+        if cfg.checkpoint.init_from.startswith("hf:"):
+            from lctrain.export.hf_import import follow_hf_checkpoint
+            follow_hf_checkpoint(cfg, cfg.checkpoint.init_from[3:])  # model shape (and tokenizer) from the checkpoint
 
         from lctrain.data import build_data  # imported late: datasets is slow to import
         self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main)
@@ -126,19 +129,24 @@ class Trainer:
             out = model(inputs["input_ids"], labels=inputs["labels"], ctx=ctx)
         return out.loss_sum, out.n_targets
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, engine) -> dict:
         batches = self.data.eval_batches(self.cfg.train.eval_batches)
         if not batches:
             return {}
+        model = engine.eval_model
         model.eval()
+        # Each DP rank evaluates its share, unless every forward is collective (ZeRO-3): then all ranks run all.
+        share = engine.eval_shares_batches
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         with torch.no_grad():
             for i, batch in enumerate(batches):
-                if i % self.layout.dp != self.layout.dp_rank:
+                if share and i % self.layout.dp != self.layout.dp_rank:
                     continue
-                loss_sum, n = self._forward_sum(self.model, batch)
+                loss_sum, n = self._forward_sum(model, batch)
                 total += torch.stack([loss_sum.double(), n.double()])
         all_reduce_sum(total, self.env)
+        if not share:
+            total /= self.layout.dp
         model.train()
         if total[1] == 0:
             return {}
@@ -150,24 +158,22 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.data.tokenizer.save(self.run_dir / "tokenizer")  # the run dir alone is enough to export/load
             print(self.summary(), flush=True)
         ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
         ckpt.clean_partial()
-        optimizer = build_optimizer(self.model, cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train)
+        fpt = flops_per_token(self.model, cfg.data.seq_len)  # before an engine may partition the weights
+        engine = build_engine(self.model, cfg, env, lay)  # DDP or DeepSpeed: optimizer, schedule, reduction
         step, tokens_seen, skipped = 0, 0, 0
         latest = ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
-            state, data_state = ckpt.load(latest, self.model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
+            state, data_state = engine.load(ckpt, latest)
+            engine.scheduler.load_state_dict(state["scheduler"])
             self.data.train.load_state_dict(data_state)
             step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
             if self.main:
                 print(f"resumed from {latest} at step {step}", flush=True)
-        model = self.model
-        if env.distributed:
-            model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model = engine.model
         model.train()
 
         metrics = MetricsLogger(str(self.run_dir), self.main, cfg.logging.tensorboard,
@@ -175,19 +181,17 @@ class Trainer:
         progress = Progress(cfg.logging.progress, cfg.train.steps, step, self.main)
         stop = StopRequest().install()
         throughput = Throughput()
-        fpt = flops_per_token(self.model, cfg.data.seq_len)
         peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
         first_record = True
         bad_in_a_row = 0
         saved_at = step if latest is not None else -1
-        params = [p for p in self.model.parameters() if p.requires_grad]
         step_t0 = time.perf_counter()
 
         def save(at_step: int) -> None:
             trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
-                             "scheduler": scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
-            path = ckpt.save(at_step, self.model, optimizer, trainer_state, self.data.train.state_dict(),
-                             cfg.to_yaml(), lambda: barrier(env))
+                             "scheduler": engine.scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
+            path = engine.save(ckpt, at_step, trainer_state, self.data.train.state_dict(), cfg.to_yaml(),
+                               lambda: barrier(env))
             if self.main:
                 progress.write(f"saved {path}")
 
@@ -200,33 +204,27 @@ class Trainer:
                                                        device=env.device), env).item()
                 loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
                 for i, batch in enumerate(micro):
-                    sync = contextlib.nullcontext() if (i == lay.grad_accum - 1 or not env.distributed) \
-                        else model.no_sync()
-                    with sync:
+                    with engine.micro_step(last=i == lay.grad_accum - 1):  # gradients reduced on the last one
                         loss_sum, _ = self._forward_sum(model, batch)
-                        # DDP averages gradients over the world; scale back so the result is sum / n_global.
-                        (loss_sum * (lay.world / max(n_global, 1.0))).backward()
+                        # Engines average gradients over the world; scale back so the result is sum / n_global.
+                        engine.backward(loss_sum, lay.world / max(n_global, 1.0))
                     loss_total += loss_sum.detach().double()
                 all_reduce_sum(loss_total, env)
                 loss = loss_total.item() / max(n_global, 1.0)
-                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                lr = scheduler.get_last_lr()[0]
+                lr = engine.lr
+                grad_norm, applied = engine.step(loss)  # clip, then update (DDP skips non-finite steps)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
-                    optimizer.step()
                     bad_in_a_row = 0
                 else:
-                    skipped += 1
+                    skipped += 0 if applied else 1
                     bad_in_a_row += 1
                     if self.main:
                         progress.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; "
-                                       f"step skipped ({bad_in_a_row} in a row)")
+                                       f"step {'applied' if applied else 'skipped'} ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= cfg.train.max_bad_steps:
                         raise TrainingAborted(
                             f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps="
                             f"{cfg.train.max_bad_steps}); last good checkpoint kept; lower train.lr or check data")
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
                 step += 1
                 tokens_seen += lay.tokens_per_step
                 throughput.add(lay.tokens_per_step)
@@ -250,7 +248,7 @@ class Trainer:
                     step_t0 = time.perf_counter()
 
                 if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
-                    result = self.evaluate(model)
+                    result = self.evaluate(engine)
                     if result:
                         metrics.log({"step": step, **result})
                         progress.write(f"step {step} eval_loss {result['eval_loss']:.4f} "
@@ -268,7 +266,7 @@ class Trainer:
                         progress.write(f"stopped ({why}): checkpoint saved at step {step}")
                     return 0
 
-            result = self.evaluate(model)
+            result = self.evaluate(engine)
             if result:
                 metrics.log({"step": step, **result})
                 if self.main:

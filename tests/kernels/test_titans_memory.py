@@ -53,6 +53,11 @@ CASES = [
     (1, 21, 1, 16, 8, 1, False, None),  # fully sequential
     (1, 45, 2, 8, 8, 8, True, [13, 0, 32]),  # packed documents, one empty
 ]
+# Triton-only: several V blocks with a ragged last one, two K blocks in the per-chunk kernels, a chunk that is
+# not a power of two, documents shorter than a chunk.
+TRITON_CASES = CASES + [
+    (1, 50, 1, 64, 40, 5, True, [1, 31, 18]),
+]
 
 
 def _case_id(case):
@@ -84,7 +89,7 @@ def _relative_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("case", CASES[:2], ids=_case_id)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
 def test_triton_matches_naive_in_float32(case):
     pytest.importorskip("lctrain.kernels.titans_memory.triton_chunk")
     tensors, initial, chunk, cu_seqlens = _case_inputs(case, torch.float64)
@@ -94,6 +99,33 @@ def test_triton_matches_naive_in_float32(case):
         # Output buffers start as NaN: an element a kernel forgot to write shows up here.
         assert torch.isfinite(actual[name]).all(), name
         assert _relative_error(actual[name], ref) < 1e-4, name
+
+
+def test_triton_chunk_limits_and_optional_outputs():
+    pytest.importorskip("lctrain.kernels.titans_memory.triton_chunk")
+    from lctrain.kernels.titans_memory.triton_config import MAX_CHUNK
+
+    tensors, initial = _make_inputs(1, 12, 1, 4, 4, True, 1, torch.float32)
+    tensors = [t.detach() for t in tensors]
+    with pytest.raises(ValueError, match="chunk_size <="):
+        titans_linear_memory(*tensors, chunk_size=MAX_CHUNK + 1, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        titans_linear_memory(*[t.double() for t in tensors], backend="triton")
+    o, state = titans_linear_memory(*tensors, chunk_size=MAX_CHUNK, backend="triton")
+    assert state is None and o.dtype == torch.float32
+    reference, _ = titans_linear_memory(*tensors, chunk_size=MAX_CHUNK, backend="naive")
+    torch.testing.assert_close(o, reference, rtol=1e-4, atol=1e-5)
+    # Saturated gates (full forgetting, momentum reset) stay finite and exact in the kernels too.
+    q, k, v, alpha, eta, theta = tensors
+    alpha, eta = alpha.clone(), eta.clone()
+    alpha[:, 3], eta[:, 7] = 1.0, 0.0
+    saturated = (q, k, v, alpha, eta, theta)
+    o, (memory, _) = titans_linear_memory(*saturated, chunk_size=5, initial_state=initial, output_final_state=True,
+                                          backend="triton")
+    ref_o, (ref_memory, _) = titans_linear_memory(*saturated, chunk_size=5, initial_state=initial,
+                                                  output_final_state=True, backend="naive")
+    torch.testing.assert_close(o, ref_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(memory, ref_memory, rtol=1e-4, atol=1e-5)
 
 
 def _sequential_loop(q, k, v, alpha, eta, theta):

@@ -92,7 +92,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         cos, sin = self.rope.cos_sin(ctx.position_ids)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache)
         elif ctx.sp is not None:

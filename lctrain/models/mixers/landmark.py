@@ -105,7 +105,7 @@ class LandmarkAttention(nn.Module):
         k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         cos, sin = self.rope.cos_sin(ctx.position_ids)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         if ctx.cache is not None:

@@ -184,7 +184,7 @@ class Titans(nn.Module):
         q, k, v = self._heads_qkv(self.attn_qkv(with_persistent))
         positions = torch.arange(prefix + length, device=x.device).expand(rows, -1)
         cos, sin = self.rope.cos_sin(positions)
-        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         attended = _windowed_attention(q, k, v, self.window, prefix, self.scale)[:, prefix:]
         return self.o_proj((self.attn_norm(attended) * torch.sigmoid(memory_out)).flatten(2))
 
@@ -204,7 +204,7 @@ class Titans(nn.Module):
             local = torch.arange(1, size + 1, device=x.device)
             positions = torch.cat([local.new_zeros(prefix), local, local]).expand(rows, -1)
             cos, sin = self.rope.cos_sin(positions)
-            q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+            q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
             # Segment token i sees every persistent token, readouts j <= i and segment tokens j <= i.
             causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
             mask = torch.cat([causal.new_ones(size, prefix), causal, causal], dim=1)

@@ -1,0 +1,174 @@
+"""Model configuration in both directions: an lctrain model -> Hugging Face `config.json`, and a Hugging Face
+`config.json` (Llama family, or an lctrain export) -> lctrain `model.*` keys.
+
+The JSON is written by hand rather than through transformers' config classes so that it reads the same in every
+transformers version: `rope_theta` is written both flat (4.x) and inside `rope_parameters` (5.x).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lctrain.config import ConfigError
+
+LLAMA_TYPES = ("llama", "mistral")  # decoder-only, SwiGLU, RMSNorm, rotate-half RoPE, no biases
+# `layer_types` uses transformers' vocabulary (it validates the entries); `mixer_types` names lctrain's mixers.
+HF_LAYER_TYPES = {"attn": "full_attention", "gdn": "linear_attention", "linear": "linear_attention"}
+
+
+def is_pure_attention(layer_types: list[str]) -> bool:
+    return all(t == "attn" for t in layer_types)
+
+
+def mixer_config(model) -> dict:
+    """The resolved per-type options of a built `LanguageModel` (read from the modules, so defaults and recipe
+    overrides are both captured)."""
+    out = {}
+    for block in model.layers:
+        kind, mixer = block.mixer_type, block.mixer
+        if kind in out:
+            continue
+        if kind == "attn":
+            out[kind] = {"n_heads": mixer.n_heads, "n_kv_heads": mixer.n_kv_heads, "head_dim": mixer.head_dim,
+                         "rope_theta": float(mixer.rope.theta), "rope_scaling": float(mixer.rope.scaling)}
+        elif kind == "gdn":
+            out[kind] = {"n_heads": mixer.n_heads, "head_k_dim": mixer.head_k_dim, "head_v_dim": mixer.head_v_dim,
+                         "conv_size": mixer.q_conv.kernel_size}
+        elif kind == "linear":
+            out[kind] = {"n_heads": mixer.n_heads, "head_dim": mixer.head_dim}
+        else:
+            raise ConfigError(f"export: mixer type {kind!r} has no Hugging Face modeling code yet "
+                              "(exportable: attn, gdn, linear)")
+    return out
+
+
+def _common(model, special_ids: dict, max_positions: int) -> dict:
+    cfg = model.cfg
+    attn = mixer_config(model).get("attn", {})
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    rope_theta = attn.get("rope_theta", cfg.rope_theta)
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": model.layers[0].mlp.gate.out_features,
+        "num_hidden_layers": len(model.layer_types),
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        **special_ids,
+    }
+
+
+def llama_config(model, special_ids: dict, max_positions: int, dtype: str) -> dict:
+    attn = mixer_config(model)["attn"]
+    if attn["rope_scaling"] != 1.0:
+        raise ConfigError(f"export: model.mixers.attn.rope_scaling={attn['rope_scaling']} has no plain Llama "
+                          "equivalent; export with --remote-code")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            **_common(model, special_ids, max_positions), "attention_bias": False, "attention_dropout": 0.0,
+            "mlp_bias": False, "pretraining_tp": 1, "torch_dtype": dtype, "dtype": dtype}
+
+
+def lctrain_config(model, special_ids: dict, max_positions: int, dtype: str) -> dict:
+    return {"architectures": ["LctrainForCausalLM"], "model_type": "lctrain",
+            "auto_map": {"AutoConfig": "configuration_lctrain.LctrainConfig",
+                         "AutoModelForCausalLM": "modeling_lctrain.LctrainForCausalLM"},
+            **_common(model, special_ids, max_positions),
+            "layer_types": [HF_LAYER_TYPES[t] for t in model.layer_types],
+            "mixer_types": list(model.layer_types), "mixer_config": mixer_config(model),
+            "torch_dtype": dtype, "dtype": dtype}
+
+
+# --------------------------------------------------------------------------------------------- import direction
+def read_hf_config(path: str | Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"checkpoint.init_from: no config.json in {path} (expected a Hugging Face model "
+                          "directory saved with save_pretrained)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"checkpoint.init_from: {file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def check_supported(hf: dict, where: str) -> None:
+    """One clear line for any Llama-family feature lctrain's model does not have."""
+    kind = hf.get("model_type")
+    if kind == "lctrain":
+        return
+    if kind not in LLAMA_TYPES:
+        raise ConfigError(f"{where}: model_type {kind!r} is not supported; expected a Llama-family checkpoint "
+                          f"({', '.join(LLAMA_TYPES)}) or an lctrain export")
+    problems = []
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("linear-layer biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+    if hf.get("sliding_window") and kind == "mistral":
+        problems.append(f"sliding_window={hf['sliding_window']}")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        problems.append(f"pretraining_tp={hf['pretraining_tp']}")
+    if problems:
+        raise ConfigError(f"{where}: unsupported architecture: {', '.join(problems)} (lctrain's attention layer is "
+                          "bias-free SwiGLU + RMSNorm + plain RoPE, full attention)")
+
+
+def model_keys_from_hf(hf: dict) -> dict:
+    """lctrain `model.*` values implied by a Hugging Face config."""
+    heads = int(hf["num_attention_heads"])
+    d_model = int(hf["hidden_size"])
+    keys = {
+        "vocab_size": int(hf["vocab_size"]),
+        "d_model": d_model,
+        "n_layers": int(hf["num_hidden_layers"]),
+        "n_heads": heads,
+        "n_kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "head_dim": int(hf.get("head_dim") or d_model // heads),
+        "ffn_dim": int(hf["intermediate_size"]),
+        "rope_theta": _rope_theta(hf),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    if keys["n_kv_heads"] == heads:
+        keys["n_kv_heads"] = 0  # lctrain's spelling of "no GQA"
+    if keys["head_dim"] == d_model // heads:
+        keys["head_dim"] = 0
+    if hf.get("model_type") == "lctrain":
+        keys["pattern"] = list(hf["mixer_types"])
+        keys["mixers"] = _mixer_options_from_export(hf)
+    else:
+        keys["pattern"] = "A"
+    return keys
+
+
+def _mixer_options_from_export(hf: dict) -> dict:
+    """`mixer_config` of an lctrain export -> `model.mixers` (only what differs from the model-wide values)."""
+    mixers = {}
+    for kind, opts in (hf.get("mixer_config") or {}).items():
+        if kind == "attn":
+            extra = {}
+            if opts.get("rope_theta") is not None and float(opts["rope_theta"]) != _rope_theta(hf):
+                extra["rope_theta"] = float(opts["rope_theta"])
+            if float(opts.get("rope_scaling", 1.0)) != 1.0:
+                extra["rope_scaling"] = float(opts["rope_scaling"])
+        else:
+            extra = dict(opts)
+        if extra:
+            mixers[kind] = extra
+    return mixers

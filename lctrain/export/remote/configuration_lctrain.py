@@ -1,0 +1,40 @@
+"""Configuration of an lctrain hybrid decoder exported to the Hugging Face format.
+
+`mixer_types` names the sequence mixer of every layer (`attn`, `gdn`, `linear`); `layer_types` says the same in
+transformers' vocabulary (`full_attention` / `linear_attention`); `mixer_config` holds the resolved options of
+each mixer type (heads, head sizes, convolution width, RoPE).
+"""
+from transformers import PretrainedConfig
+
+
+class LctrainConfig(PretrainedConfig):
+    model_type = "lctrain"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(self, vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=None, head_dim=None, mixer_types=None,
+                 layer_types=None, mixer_config=None, rms_norm_eps=1e-6, rope_theta=10000.0,
+                 max_position_embeddings=2048,
+                 initializer_range=0.02, use_cache=True, tie_word_embeddings=True, hidden_act="silu",
+                 **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.mixer_types = list(mixer_types or ["attn"] * num_hidden_layers)
+        if len(self.mixer_types) != num_hidden_layers:
+            raise ValueError(f"mixer_types has {len(self.mixer_types)} entries for {num_hidden_layers} layers")
+        self.layer_types = list(layer_types or ["full_attention" if t == "attn" else "linear_attention"
+                                                for t in self.mixer_types])
+        self.mixer_config = dict(mixer_config or {})
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.hidden_act = hidden_act
+        kwargs.pop("rope_parameters", None)  # written for Llama-style readers; `rope_theta` is what this reads
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,0 +1,122 @@
+"""`local_attention`: sliding-window softmax attention with attention sinks, per-head spans, GQA and packed
+documents, with three implementations.
+
+`naive.py` (dense float64 mask, the reference), `chunk.py` (blocked PyTorch, O(T * (window + sink)), the CPU
+path) and the Triton flash-attention-style kernels (`triton_fwd.py`, `triton_bwd.py`, wrapped by
+`triton_local.py`; the GPU path), which skip every key block outside the band and the sink.
+"""
+from __future__ import annotations
+
+import torch
+
+from lctrain.kernels.local_attention.chunk import chunk_local_attention
+from lctrain.kernels.local_attention.naive import naive_local_attention
+from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+
+__all__ = ["local_attention", "naive_local_attention", "chunk_local_attention"]
+
+_OP = "local_attention"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | torch.Tensor,
+    sink: int | torch.Tensor = 0,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention restricted to a sliding window plus the first `sink` tokens of each document.
+
+    Query i attends key j iff j <= i, both are in the same document, and (i - j < window or
+    j - doc_start < sink). `window = 1` attends to the token itself (plus the sink); a window of at least the
+    sequence length is full causal attention.
+
+    Args:
+        q: queries `[B, T, H, D]`.
+        k: keys `[B, T, Hkv, D]`; Hkv divides H and query head h reads kv head h // (H / Hkv) (GQA).
+        v: values `[B, T, Hkv, Dv]`.
+        window: int >= 1, or an integer tensor `[H]` of per-head windows (each >= 1).
+        sink: int >= 0, or an integer tensor `[H]` of per-head sink lengths (each >= 0).
+        scale: multiplies q.k before the softmax; defaults to `D ** -0.5`.
+        cu_seqlens: int32/int64 `[N+1]` offsets of packed documents along T (requires B == 1); attention never
+            crosses a document boundary and the sink is counted from each document's start.
+        backend: None (Triton on CUDA tensors, blocked PyTorch otherwise), "triton", "torch" or "naive".
+            "triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported.
+
+    Returns:
+        o `[B, T, H, Dv]` in q's dtype. Gradients flow to q, k and v.
+    """
+    _validate(q, k, v, window, sink, scale, cu_seqlens)
+    chosen = resolve_backend(backend, q, k, v, op=_OP)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if chosen == "naive":
+        return naive_local_attention(q, k, v, window, sink, scale, cu_seqlens)
+    if chosen == "torch":
+        return chunk_local_attention(q, k, v, window, sink, scale, cu_seqlens)
+    _validate_for_triton(q, v)
+    from lctrain.kernels.local_attention.triton_local import triton_local_attention  # triton is optional
+
+    return triton_local_attention(q, k, v, window, sink, scale, cu_seqlens)
+
+
+def _validate_span(name: str, span, heads: int, minimum: int) -> None:
+    if isinstance(span, bool) or not isinstance(span, (int, torch.Tensor)):
+        raise ValueError(f"{_OP}: {name} must be an int or an integer tensor [H], got {type(span).__name__}")
+    if isinstance(span, int):
+        if span < minimum:
+            raise ValueError(f"{_OP}: {name}={span} must be >= {minimum}")
+        return
+    if span.dtype not in _INT_DTYPES or tuple(span.shape) != (heads,):
+        raise ValueError(f"{_OP}: {name} tensor must be integer [H] = [{heads}], got {span.dtype} "
+                         f"{list(span.shape)}")
+    if bool((span < minimum).any()):
+        raise ValueError(f"{_OP}: every {name} value must be >= {minimum}, got {span.tolist()}")
+
+
+def _validate(q, k, v, window, sink, scale, cu_seqlens) -> None:
+    """Raise a ValueError naming the bad argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != head_dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must be [B, T, Hkv, D] = [{batch}, {length}, Hkv, "
+                         f"{head_dim}] with Hkv dividing H={heads}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{_OP}: v shape {tuple(v.shape)} must be [B, T, Hkv, Dv] = "
+                         f"[{batch}, {length}, {kv_heads}, Dv]")
+    if head_dim == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{_OP}: head dims must be >= 1, got D={head_dim}, Dv={v.shape[-1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{_OP}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _validate_span("window", window, heads, 1)
+    _validate_span("sink", sink, heads, 0)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"{_OP}: scale must be a Python number or None, got {type(scale).__name__}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
+    check_cu_seqlens(cu_seqlens, batch, length, _OP)
+    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+
+
+def _validate_for_triton(q: torch.Tensor, v: torch.Tensor) -> None:
+    from lctrain.kernels.local_attention.triton_config import MAX_HEAD_DIM
+
+    if q.dtype == torch.float64:
+        raise ValueError(f"{_OP}: backend='triton' does not support float64; use backend='torch' or 'naive'")
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{_OP}: backend='triton' supports head dims D, Dv <= {MAX_HEAD_DIM}, "
+                         f"got D={q.shape[-1]}, Dv={v.shape[-1]}")

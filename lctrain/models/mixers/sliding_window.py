@@ -1,0 +1,109 @@
+"""`swa`: sliding-window causal softmax attention (optionally with attention sinks), RoPE, GQA, document masking.
+
+Each query attends the last `window` tokens of its own document (itself included) plus the first `sink` tokens
+of that document, through `lctrain.kernels.local_attention` (O(T * (window + sink)) time and memory). Decoding
+keeps a rolling cache: the `sink` first keys/values and the `window - 1` most recent ones, so memory per layer
+stays constant however long the generation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lctrain.config import ConfigError
+from lctrain.kernels import local_attention
+from lctrain.models.blocks import RotaryEmbedding
+from lctrain.models.context import BatchContext
+from lctrain.models.mixers.registry import register_mixer
+
+
+@register_mixer("swa", "S")
+class SlidingWindowAttention(nn.Module):
+    """Grouped-query sliding-window attention: x `[B, T, D]` -> `[B, T, D]`.
+
+    Options (`model.mixers.swa`): window (tokens each query sees, itself included; default 64), sink (first
+    tokens of each document every query also sees; default 0), rope_theta, backend (kernel backend, None = auto).
+    """
+
+    def __init__(self, model_cfg, layer_idx: int, window: int = 64, sink: int = 0,
+                 rope_theta: float | None = None, backend: str | None = None):
+        super().__init__()
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"model.mixers.swa.window: must be an int >= 1, got {window!r}")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ConfigError(f"model.mixers.swa.sink: must be an int >= 0, got {sink!r}")
+        d = model_cfg.d_model
+        self.layer_idx = layer_idx
+        self.window, self.sink, self.backend = window, sink, backend
+        self.n_heads = model_cfg.n_heads
+        self.n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
+        self.head_dim = model_cfg.head_dim or d // self.n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.o_proj._is_residual_out = True
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        cos, sin = self.rope.cos_sin(ctx.position_ids)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        if ctx.cache is not None:
+            o = self._attend_cached(q, k, v, ctx.cache.setdefault(self.layer_idx, {}))
+        elif ctx.sp is not None:
+            raise NotImplementedError("swa: sequence parallelism is not supported yet (needs a halo of "
+                                      "window - 1 keys plus the document's sink keys); use parallel.sp=1")
+        elif ctx.cu_seqlens is None:
+            o = local_attention(q, k, v, self.window, self.sink, self.scale, backend=self.backend)
+        else:
+            # Rows are flattened into one packed stream; cu_seqlens covers the B*T tokens.
+            flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+            o = local_attention(*flat, self.window, self.sink, self.scale, cu_seqlens=ctx.cu_seqlens,
+                                backend=self.backend).view(batch, seqlen, self.n_heads, self.head_dim)
+        return self.o_proj(o.reshape(batch, seqlen, -1))
+
+    def _attend_cached(self, q, k, v, entry: dict) -> torch.Tensor:
+        """Incremental decoding (one document per row, every row at the same position).
+
+        The cache holds the sink entries (positions < sink) and the `window - 1` most recent entries with their
+        positions; new queries attend [sink entries, recent entries, new entries] under the same rule as
+        training. A recent entry that is also a sink entry is masked once, so nothing counts twice.
+        """
+        new = q.shape[1]
+        seen = entry.get("seen", 0)
+        positions = torch.arange(seen, seen + new, device=q.device)
+        empty_k = k[:, :0]
+        sink_k, sink_v = entry.get("sink_k", empty_k), entry.get("sink_v", v[:, :0])
+        recent_k, recent_v = entry.get("recent_k", empty_k), entry.get("recent_v", v[:, :0])
+        recent_pos = entry.get("recent_pos", positions[:0])
+        num_sink = sink_k.shape[1]  # the cached sink entries are exactly positions [0, num_sink)
+        keys = torch.cat([sink_k, recent_k, k], dim=1)
+        values = torch.cat([sink_v, recent_v, v], dim=1)
+        key_pos = torch.cat([torch.arange(num_sink, device=q.device), recent_pos, positions])
+        is_sink_entry = torch.arange(keys.shape[1], device=q.device) < num_sink
+        causal = key_pos[None, :] <= positions[:, None]
+        in_span = (positions[:, None] - key_pos[None, :] < self.window) | (key_pos[None, :] < self.sink)
+        mask = causal & torch.where(is_sink_entry[None, :], True, in_span & (key_pos[None, :] >= num_sink))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask[None, None], scale=self.scale,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        # Roll the cache forward: sink entries are the first `sink` positions ever seen, recent ones the last
+        # `window - 1` (what any later query can still reach through its window).
+        keep_sink = max(0, min(self.sink, seen + new) - num_sink)
+        entry["sink_k"] = torch.cat([sink_k, k[:, :keep_sink]], dim=1).detach()
+        entry["sink_v"] = torch.cat([sink_v, v[:, :keep_sink]], dim=1).detach()
+        keep_recent = self.window - 1
+        all_pos = torch.cat([recent_pos, positions])
+        entry["recent_k"] = torch.cat([recent_k, k], dim=1)[:, all_pos.numel() - min(keep_recent, all_pos.numel()):].detach()
+        entry["recent_v"] = torch.cat([recent_v, v], dim=1)[:, all_pos.numel() - min(keep_recent, all_pos.numel()):].detach()
+        entry["recent_pos"] = all_pos[all_pos.numel() - min(keep_recent, all_pos.numel()):]
+        entry["seen"] = seen + new
+        return out.transpose(1, 2)

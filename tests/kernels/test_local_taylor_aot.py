@@ -1,0 +1,112 @@
+"""Ahead-of-time compile check of the `local_attention` and `taylor_linear_attention` Triton kernels for sm_80
+and sm_90 in bf16 and fp32 (no GPU needed): compiles, shared memory fits, no register spills.
+
+The checker cannot run under the interpreter this test session uses, so it runs in a subprocess with
+TRITON_INTERPRET unset and a private kernel cache (every kernel is really compiled). The default run compiles
+every Taylor configuration and the widest local-attention one (128-wide heads: the most registers); the
+sweep over every local-attention head width is marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lctrain.kernels import aot
+
+LOCAL = "lctrain.kernels.local_attention.triton_local"
+TAYLOR = "lctrain.kernels.taylor_linear_attention.triton_chunk"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Runs in a clean interpreter: compile the specs of argv[1] whose labels `aot_specs(dtype, **kwargs)` lists.
+_SUBSET_CHECK = """
+import importlib, json, sys
+from lctrain.kernels import aot
+module, kwargs = sys.argv[1], json.loads(sys.argv[2])
+results = []
+for dtype in aot.DEFAULT_DTYPES:
+    wanted = {spec.label for spec in importlib.import_module(module).aot_specs(dtype, **kwargs)}
+    for index, spec in enumerate(aot._specs(module, dtype)):
+        if spec.label in wanted:
+            results.extend(aot.check_one(module, dtype, index, arch) for arch in aot.DEFAULT_ARCHS)
+print(json.dumps(results))
+"""
+
+
+def _cuobjdump_available() -> bool:
+    try:
+        return os.access(aot._tool("cuobjdump"), os.X_OK)
+    except ImportError:
+        return False
+
+
+def _compile(module: str, kwargs: dict) -> list[dict]:
+    if not _cuobjdump_available():
+        pytest.skip("the installed triton ships no cuobjdump (not a Linux x86-64 wheel)")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env["TRITON_CACHE_DIR"] = cache_dir
+        proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, module, json.dumps(kwargs)], cwd=REPO_ROOT,
+                              capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_all_ok(results: list[dict], kernels: set[str]) -> None:
+    assert results, "no launch configuration was checked"
+    failures = [r for r in results if not r["ok"]]
+    assert not failures, json.dumps(failures, indent=1)
+    for r in results:
+        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
+        assert 0 <= r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
+    assert {r["arch"] for r in results} == set(aot.DEFAULT_ARCHS)
+    assert {r["dtype"] for r in results} == set(aot.DEFAULT_DTYPES)
+    assert {r["kernel"] for r in results} == kernels
+
+
+def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
+    assert LOCAL in aot.AOT_MODULES and TAYLOR in aot.AOT_MODULES
+    from lctrain.kernels.local_attention import triton_local
+    from lctrain.kernels.local_attention.triton_config import launch_config as local_config
+    from lctrain.kernels.taylor_linear_attention import triton_chunk
+    from lctrain.kernels.taylor_linear_attention.triton_chunk import launch_config as taylor_config
+
+    for dtype in aot.DEFAULT_DTYPES:
+        local_labels = [spec.label for spec in triton_local.aot_specs(dtype)]
+        assert len(local_labels) == len(set(local_labels)) == 12  # 3 kernels x 4 head widths
+        for dim in (1, 16, 40, 64, 100, 128):  # every width a launch can pick is listed
+            for kernel in ("fwd", "bwd_dq", "bwd_dkv"):
+                cfg = local_config(dim, dim, kernel)
+                assert any(f"BD={cfg.block_d}," in label and f"BM={cfg.block_m},BN={cfg.block_n}" in label
+                           and f"warps={cfg.num_warps}" in label for label in local_labels), (dim, kernel)
+        taylor_labels = [spec.label for spec in triton_chunk.aot_specs(dtype)]
+        for dim in (1, 7, 16):
+            for kernel in ("fwd", "bwd_dq", "bwd_dkv"):
+                cfg = taylor_config(dim, kernel)
+                assert any(f"BT={cfg.chunk},BD={cfg.block_d},BV={cfg.block_v},warps={cfg.num_warps}" in label
+                           for label in taylor_labels), (dim, kernel)
+
+
+def test_taylor_kernels_compile_without_spills():
+    results = _compile(TAYLOR, {})
+    _assert_all_ok(results, {"taylor_fwd_kernel", "taylor_bwd_dq_kernel", "taylor_bwd_dkv_kernel"})
+
+
+def test_widest_local_attention_kernels_compile_without_spills():
+    results = _compile(LOCAL, {"head_dims": [[128, 128]]})
+    _assert_all_ok(results, {"local_attention_fwd_kernel", "local_attention_bwd_dq_kernel",
+                             "local_attention_bwd_dkv_kernel"})
+
+
+@pytest.mark.slow
+def test_every_local_attention_config_compiles_without_spills():
+    results = _compile(LOCAL, {})
+    assert len(results) == 12 * len(aot.DEFAULT_DTYPES) * len(aot.DEFAULT_ARCHS)
+    _assert_all_ok(results, {"local_attention_fwd_kernel", "local_attention_bwd_dq_kernel",
+                             "local_attention_bwd_dkv_kernel"})
