@@ -13,11 +13,46 @@ from lctrain.config import ConfigError
 
 LLAMA_TYPES = ("llama", "mistral")  # decoder-only, SwiGLU, RMSNorm, rotate-half RoPE, no biases
 # `layer_types` uses transformers' vocabulary (it validates the entries); `mixer_types` names lctrain's mixers.
-HF_LAYER_TYPES = {"attn": "full_attention", "gdn": "linear_attention", "linear": "linear_attention"}
+HF_LAYER_TYPES = {"attn": "full_attention", "gdn": "linear_attention", "linear": "linear_attention",
+                  "swa": "sliding_attention", "based": "linear_attention", "conv": "conv",
+                  "landmark": "full_attention", "titans": "hybrid"}
 
 
 def is_pure_attention(layer_types: list[str]) -> bool:
     return all(t == "attn" for t in layer_types)
+
+
+# Per mixer type: its resolved options, read from a built module. Except for `attn`, `gdn` and `linear` (whose
+# entries the exported code reads directly) these are exactly the mixer's constructor options, so an export
+# imports back through `model.mixers` unchanged; head counts come from the model-wide config.
+def _attn(m) -> dict:
+    return {"n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim,
+            "rope_theta": float(m.rope.theta), "rope_scaling": float(m.rope.scaling)}
+
+
+def _titans(m) -> dict:
+    opts = {"variant": m.variant, "chunk_size": m.chunk_size, "memory_depth": m.memory_depth,
+            "memory_hidden": m.mem_w1.shape[-1] if m.memory_depth == 2 else 0,
+            "persistent_tokens": m.persistent.shape[0], "segment_len": m.segment_len, "window": m.window}
+    if hasattr(m, "rope"):  # "mal" has no attention branch
+        opts["rope_theta"] = float(m.rope.theta)
+    return opts
+
+
+_MIXER_OPTIONS = {
+    "attn": _attn,
+    "gdn": lambda m: {"n_heads": m.n_heads, "head_k_dim": m.head_k_dim, "head_v_dim": m.head_v_dim,
+                      "conv_size": m.q_conv.kernel_size},
+    "linear": lambda m: {"n_heads": m.n_heads, "head_dim": m.head_dim},
+    "swa": lambda m: {"window": m.window, "sink": m.sink, "rope_theta": float(m.rope.theta)},
+    "based": lambda m: {"n_heads": m.n_heads, "feature_dim": m.feature_dim, "head_dim": m.head_dim},
+    "conv": lambda m: {"kernel_size": m.conv.kernel_size, "expand": m.in_proj.out_features // m.in_proj.in_features},
+    # Exported inference reads every block (the training-time grouped softmax); retrieve_top_k is kept so the
+    # export imports back into lctrain unchanged.
+    "landmark": lambda m: {"block_size": m.block_size, "retrieve_top_k": m.retrieve_top_k,
+                           "rope_theta": float(m.rope.theta)},
+    "titans": _titans,
+}
 
 
 def mixer_config(model) -> dict:
@@ -25,20 +60,13 @@ def mixer_config(model) -> dict:
     overrides are both captured)."""
     out = {}
     for block in model.layers:
-        kind, mixer = block.mixer_type, block.mixer
+        kind = block.mixer_type
         if kind in out:
             continue
-        if kind == "attn":
-            out[kind] = {"n_heads": mixer.n_heads, "n_kv_heads": mixer.n_kv_heads, "head_dim": mixer.head_dim,
-                         "rope_theta": float(mixer.rope.theta), "rope_scaling": float(mixer.rope.scaling)}
-        elif kind == "gdn":
-            out[kind] = {"n_heads": mixer.n_heads, "head_k_dim": mixer.head_k_dim, "head_v_dim": mixer.head_v_dim,
-                         "conv_size": mixer.q_conv.kernel_size}
-        elif kind == "linear":
-            out[kind] = {"n_heads": mixer.n_heads, "head_dim": mixer.head_dim}
-        else:
+        if kind not in _MIXER_OPTIONS:
             raise ConfigError(f"export: mixer type {kind!r} has no Hugging Face modeling code yet "
-                              "(exportable: attn, gdn, linear)")
+                              f"(exportable: {', '.join(_MIXER_OPTIONS)})")
+        out[kind] = _MIXER_OPTIONS[kind](block.mixer)
     return out
 
 
@@ -84,7 +112,13 @@ def lctrain_config(model, special_ids: dict, max_positions: int, dtype: str) -> 
             **_common(model, special_ids, max_positions),
             "layer_types": [HF_LAYER_TYPES[t] for t in model.layer_types],
             "mixer_types": list(model.layer_types), "mixer_config": mixer_config(model),
-            "torch_dtype": dtype, "dtype": dtype}
+            **_landmark_token(model), "torch_dtype": dtype, "dtype": dtype}
+
+
+def _landmark_token(model) -> dict:
+    """Models with landmark layers reserve the last vocabulary id for the landmark token (`lctrain.data.landmarks`);
+    the export names it so callers can insert it."""
+    return {"landmark_token_id": model.cfg.vocab_size - 1} if "landmark" in model.layer_types else {}
 
 
 # --------------------------------------------------------------------------------------------- import direction

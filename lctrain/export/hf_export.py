@@ -4,7 +4,7 @@
     model.safetensors            weights (sharded with model.safetensors.index.json above --max-shard-size)
     tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     generation_config.json
-    configuration_lctrain.py, modeling_lctrain.py      hybrid models only (auto_map, trust_remote_code)
+    configuration_lctrain.py, modeling_lctrain.py, lctrain_*.py   hybrid models only (auto_map, trust_remote_code)
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from lctrain.models import LanguageModel
 from lctrain.train.checkpoint import load_model_weights
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
-REMOTE_FILES = ("configuration_lctrain.py", "modeling_lctrain.py")
+# Every module of the remote package except its __init__ (the modeling file imports the others relatively).
+REMOTE_FILES = tuple(sorted(p.name for p in REMOTE_DIR.glob("*.py") if p.name != "__init__.py"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Non-persistent buffers the exported modeling code reads from the weights instead of re-deriving them.
 EXPORTED_BUFFERS = {"linear": ("log_decay",)}

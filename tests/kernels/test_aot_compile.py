@@ -36,7 +36,7 @@ def report(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "linear_attention.triton_chunk",
+    done = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "kernels.linear_attention.triton_chunk",
                            "--archs", "80,90", "--dtypes", "bf16,fp32", "--jobs", "2"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.stdout, f"no report; stderr:\n{done.stderr[-4000:]}"
@@ -79,7 +79,7 @@ def test_report_covers_every_launch_configuration_for_both_archs_and_dtypes(repo
 
 
 def test_module_filter_and_interpreter_guard():
-    assert aot.select_modules(["linear_attention"]) == [MODULE]
+    assert aot.select_modules(["kernels.linear_attention."]) == [MODULE]
     assert aot.select_modules(None) == aot.AOT_MODULES
     with pytest.raises(ValueError, match="matches none"):
         aot.select_modules(["no_such_op"])

@@ -36,8 +36,12 @@ def sbatch(cluster, cache_dir, tmp_path, *args) -> str:
 
 
 def batch_output(tmp_path, job_id) -> str:
+    """The batch script's output plus every per-node training log of the job (what a failure needs)."""
     path = tmp_path / f"batch-{job_id}.out"
-    return path.read_text() if path.is_file() else ""
+    text = path.read_text() if path.is_file() else ""
+    for log in sorted(tmp_path.glob(f"**/logs/slurm-{job_id}-node*.log")):
+        text += f"\n--- {log.name}\n" + log.read_text()[-4000:]
+    return text
 
 
 def test_sbatch_trains_with_two_processes(slurm, cache_dir, tmp_path):

@@ -1,8 +1,14 @@
 """Configuration of an lctrain hybrid decoder exported to the Hugging Face format.
 
-`mixer_types` names the sequence mixer of every layer (`attn`, `gdn`, `linear`); `layer_types` says the same in
-transformers' vocabulary (`full_attention` / `linear_attention`); `mixer_config` holds the resolved options of
-each mixer type (heads, head sizes, convolution width, RoPE).
+`mixer_types` names the sequence mixer of every layer (`attn`, `gdn`, `linear`, `swa`, `based`, `conv`,
+`landmark`, `titans`); `layer_types` says the same in transformers' vocabulary (`full_attention`,
+`linear_attention`, `sliding_attention`, `conv`, `hybrid`); `mixer_config` holds the resolved options of each
+mixer type (heads, head sizes, convolution width, window, RoPE, memory settings).
+
+Landmark layers: exported inference uses the training-time path (the full grouped softmax over every earlier
+block, i.e. lctrain's decoding with retrieve_top_k = 0), whatever `retrieve_top_k` says; the cache keeps every
+key and value. Landmark tokens are not inserted for you: `landmark_token_id` (the last vocabulary id) must end
+every block of `block_size` tokens, as lctrain's data pipeline places it.
 """
 from transformers import PretrainedConfig
 
