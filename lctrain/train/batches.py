@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from lctrain.config import ConfigError
 from lctrain.data.landmarks import insert_landmarks, landmark_layout
 from lctrain.models.context import BatchContext
 
@@ -15,9 +14,8 @@ class BatchPreparer:
         if layout.sp > 1:
             from lctrain.parallel import init_sp_groups
             self.sp_groups = init_sp_groups(layout.sp)
-        self.landmarks = landmark_layout(cfg)  # (token id, block size) when the model has landmark layers
-        if self.landmarks is not None and layout.sp > 1:
-            raise ConfigError("parallel.sp: landmark layers do not support sequence parallelism; use parallel.sp=1")
+        # (token id, block size) when the model has landmark layers; landmarks are inserted before sharding
+        self.landmarks = landmark_layout(cfg)
 
     def _shard(self, batch: dict) -> tuple[dict, object]:
         from lctrain.parallel import shard_batch

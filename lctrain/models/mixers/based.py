@@ -45,9 +45,6 @@ class BasedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        if ctx.sp is not None and ctx.cache is None:
-            raise NotImplementedError("based: sequence parallelism is not supported yet (the Taylor state is "
-                                      "additive, so LASP-2 applies with A = identity); use parallel.sp=1")
         layer_cache = ctx.cache.setdefault(self.layer_idx, {}) if ctx.cache is not None else None
         q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)
         k = self.k_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)

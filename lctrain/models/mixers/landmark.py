@@ -111,7 +111,9 @@ class LandmarkAttention(nn.Module):
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache)
         elif ctx.sp is not None:
-            raise ValueError("landmark: sequence parallelism is not supported by landmark layers (parallel.sp must be 1)")
+            from lctrain.parallel import sp_landmark_attention
+            # every group-th head is an original kv head: gather GQA-sized keys and values
+            o = sp_landmark_attention(q, k[:, :, ::groups], v[:, :, ::groups], self.block_size, self.scale, ctx.sp)
         elif ctx.cu_seqlens is None:
             o = landmark_attention(q, k, v, self.block_size, self.scale, backend=self.backend)
         else:

@@ -59,8 +59,8 @@ class SlidingWindowAttention(nn.Module):
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache.setdefault(self.layer_idx, {}))
         elif ctx.sp is not None:
-            raise NotImplementedError("swa: sequence parallelism is not supported yet (needs a halo of "
-                                      "window - 1 keys plus the document's sink keys); use parallel.sp=1")
+            from lctrain.parallel import sp_local_attention  # halo of window - 1 keys plus the sink keys
+            o = sp_local_attention(q, k, v, self.window, self.sink, self.scale, ctx.sp, backend=self.backend)
         elif ctx.cu_seqlens is None:
             o = local_attention(q, k, v, self.window, self.sink, self.scale, backend=self.backend)
         else:

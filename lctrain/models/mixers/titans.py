@@ -14,6 +14,10 @@ attention combine:
   * "mal" (memory as layer): the memory alone; combine with attention layers through `model.pattern`.
 Documents of a packed batch are processed one by one (each starts from the initial memory).
 
+Sequence parallelism (`ctx.sp`, variants "mal" and "mag"): the memory state is handed from rank to rank
+(`lctrain.parallel.sp_state_passing`, exact wherever the shard boundaries fall) and MAG's windowed attention
+fetches its halo and uses the persistent tokens as a per-document prefix (`lctrain.parallel.sp_local_attention`).
+
 Decoding (`ctx.cache`) keeps the layer's inputs so far and recomputes the layer on them, returning the new
 positions: exact, at O(T) cost per step.
 """
@@ -146,8 +150,8 @@ class Titans(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        if ctx.sp is not None:
-            raise ValueError("titans: sequence parallelism is not supported by titans layers (parallel.sp must be 1)")
+        if ctx.sp is not None and ctx.cache is None:
+            return self._sequence_parallel(x, ctx.sp)
         if ctx.cache is not None:
             return self._decode(x, ctx.cache)
         batch, seqlen, dim = x.shape
@@ -161,6 +165,31 @@ class Titans(nn.Module):
         pieces = [self._documents(flat[start:end].unsqueeze(0))[0]
                   for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
         return torch.cat(pieces, dim=0).view(batch, seqlen, dim)
+
+    def _sequence_parallel(self, x: torch.Tensor, placement) -> torch.Tensor:
+        """This rank's tokens `[B, T_local, D]` of a sharded batch: the memory state (with the inputs after its
+        last chunk boundary) is handed from rank to rank, so the result equals `_documents` on whole documents."""
+        from lctrain.parallel import document_offsets, sp_local_attention, sp_state_passing
+        if self.variant == "mac":
+            raise ValueError("titans: sequence parallelism supports variants 'mal' and 'mag'; 'mac' attends within "
+                             "segments that read the memory at their start, use parallel.sp=1 for it")
+        memory_out = sp_state_passing(self._memory, x, placement, self.chunk_size,
+                                      lambda like: self._initial_state(1, like), prefix=self.persistent)
+        memory_out = self.mem_norm(memory_out)
+        if self.variant == "mal":
+            return self.o_proj(memory_out.flatten(2))
+        # mag: each document is attended as [persistent | document] (persistent tokens at positions 0 .. P-1 and
+        # always visible, the document from position P on), like `_documents`
+        prefix = self.persistent.shape[0]
+        q, k, v = self._heads_qkv(self.attn_qkv(x))
+        cos, sin = self.rope.cos_sin(document_offsets(placement) + prefix)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        _, prefix_k, prefix_v = self._heads_qkv(self.attn_qkv(self.persistent.to(x.dtype)[None]))
+        cos, sin = self.rope.cos_sin(torch.arange(prefix, device=x.device)[None])
+        prefix_k = RotaryEmbedding.rotate(prefix_k, cos, sin)
+        attended = sp_local_attention(q, k, v, self.window, 0, self.scale, placement,
+                                      prefix=(prefix_k[0], prefix_v[0]))
+        return self.o_proj((self.attn_norm(attended) * torch.sigmoid(memory_out)).flatten(2))
 
     def _decode(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         entry = cache.setdefault(self.layer_idx, {})
