@@ -49,6 +49,7 @@ AOT_MODULES: list[str] = [
     "lctrain.kernels.local_attention.triton_local",
     "lctrain.kernels.taylor_linear_attention.triton_chunk",
     "lctrain.kernels.titans_memory.triton_chunk",
+    "lctrain.kernels.landmark_attention.triton_blocks",
 ]
 
 # Largest dynamic shared memory one block may use (opt-in limit), in bytes.

@@ -67,6 +67,11 @@ CASES = [
     (2, 37, 2, 16, 16, 8, None),  # T not a multiple of the block
     (1, 50, 1, 32, 16, 16, [3, 30, 0, 17]),  # packed documents, one empty, one shorter than a block
     (1, 9, 3, 16, 32, 4, None),
+    (1, 11, 1, 8, 8, 2, None),  # smallest block: one member and a landmark, five earlier blocks
+    # 40-token blocks in 64-row key tiles, several query tiles per block (the last one partly past the block),
+    # packed documents ending in partial blocks, D != V and both padded to a 128-wide head
+    (1, 90, 1, 100, 48, 40, [83, 7]),
+    (2, 70, 1, 64, 64, 33, None),  # 64-wide heads: 16-row query tiles in the backward pass
 ]
 
 
@@ -105,6 +110,22 @@ def test_triton_matches_naive_in_float32(case):
         assert torch.isfinite(actual[name]).all(), name  # NaN-poisoned outputs: every element was written
         error = ((actual[name] - ref).abs().max() / ref.abs().max()).item()
         assert error < 1e-4, (name, error)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(q=torch.randn(1, 8, 2, 129), k=torch.randn(1, 8, 2, 129)), "head dims <= 128"),
+    (dict(v=torch.randn(1, 8, 2, 200)), "head dims <= 128"),
+    (dict(block_size=65), "block_size <= 64"),
+    (dict(q=torch.randn(1, 8, 2, 4).double(), k=torch.randn(1, 8, 2, 4).double(),
+          v=torch.randn(1, 8, 2, 3).double()), "float64"),
+])
+def test_triton_refuses_what_its_kernels_do_not_cover(overrides, message):
+    pytest.importorskip("lctrain.kernels.landmark_attention.triton_blocks")
+    from lctrain.kernels.landmark_attention.triton_config import MAX_BLOCK_SIZE, MAX_HEAD_DIM
+
+    assert (MAX_HEAD_DIM, MAX_BLOCK_SIZE) == (128, 64)
+    with pytest.raises(ValueError, match=message):
+        landmark_attention(**_good(**overrides), backend="triton")
 
 
 def test_packed_documents_equal_separate_sequences():

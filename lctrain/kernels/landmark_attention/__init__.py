@@ -43,7 +43,8 @@ def landmark_attention(
         q, k: `[B, T, H, D]`.  v: `[B, T, H, V]`.
         block_size: tokens per block including the landmark (>= 2).
         scale: score scale; defaults to `D ** -0.5`.
-        backend: None (Triton on CUDA tensors, blocked PyTorch otherwise), "triton", "torch" or "naive".
+        backend: None (Triton on CUDA tensors when the kernels cover the shapes, blocked PyTorch otherwise),
+            "triton" (head dims <= 128, block_size <= 64, no float64), "torch" or "naive".
         cu_seqlens: int32/int64 `[N+1]` offsets of packed documents along T (requires B == 1): attention stays
             inside each document and blocks restart at each document start. None: every row is one sequence.
 
@@ -65,7 +66,11 @@ def landmark_attention(
             raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in this "
                              "build); use backend='torch' or 'naive'") from None
         return chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
-    _validate_for_triton(q, v, block_size)
+    unsupported = _triton_unsupported(q, v, block_size)
+    if unsupported is not None:
+        if backend == "triton":
+            raise ValueError(f"{_OP}: {unsupported}; use backend='torch' or 'naive'")
+        return chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens)  # auto: shapes outside the kernels
     return triton_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
 
 
@@ -103,13 +108,14 @@ def _validate(q, k, v, block_size, scale, cu_seqlens) -> None:
         raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
 
 
-def _validate_for_triton(q: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+def _triton_unsupported(q: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:
+    """Why the Triton kernels cannot run these inputs, or None when they can."""
     from lctrain.kernels.landmark_attention.triton_config import MAX_BLOCK_SIZE, MAX_HEAD_DIM
 
     if q.dtype == torch.float64:
-        raise ValueError(f"{_OP}: backend='triton' does not support float64; use backend='torch' or 'naive'")
+        return "backend='triton' does not support float64"
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"{_OP}: backend='triton' supports head dims <= {MAX_HEAD_DIM}, "
-                         f"got D={q.shape[-1]}, V={v.shape[-1]}")
+        return f"backend='triton' supports head dims <= {MAX_HEAD_DIM}, got D={q.shape[-1]}, V={v.shape[-1]}"
     if block_size > MAX_BLOCK_SIZE:
-        raise ValueError(f"{_OP}: backend='triton' supports block_size <= {MAX_BLOCK_SIZE}, got {block_size}")
+        return f"backend='triton' supports block_size <= {MAX_BLOCK_SIZE}, got {block_size}"
+    return None
