@@ -72,3 +72,17 @@ def test_contradicting_deepspeed_json_is_one_line(cache_dir, tmp_path):
         f"error: deepspeed.config: {config} sets train_micro_batch_size_per_gpu=16, but the recipe implies 4 "
         "(from train.micro_batch_size / tokens_per_step / grad_clip); remove it")
     assert "Traceback" not in proc.stderr
+
+
+def test_deepspeed_with_sequence_parallel_matches_one_process(cache_dir, tmp_path):
+    """ZeRO-2 over a world that is one SP group of 2: same losses as a single process on the whole sequence."""
+    model = ["model.pattern=GGGA", "model.n_layers=4", "train.steps=3", "checkpoint.interval=0",
+             "train.eval_batches=0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_lctrain(cache_dir, ref, *model)
+    run_lctrain(cache_dir, run, *model, "train.engine=deepspeed", "deepspeed.zero_stage=2", "parallel.sp=2",
+                "parallel.layout=zigzag", nproc=2, timeout=300)
+    a, b = train_losses(ref), train_losses(run)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-6, abs=1e-6), step
