@@ -72,6 +72,11 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, together: bool = True) -> None:
+    """Tear the process group down. On a normal exit the ranks do it together: a rank that destroys its group
+    while a peer still talks to it can abort the peer at exit (gloo). After an error a peer may never arrive,
+    so then each rank leaves on its own (`together=False`)."""
     if env.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

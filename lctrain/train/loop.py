@@ -290,12 +290,16 @@ class Trainer:
 
 def train(cfg: Config, dry_run: bool = False) -> int:
     env = init_distributed(cfg.parallel.backend)
+    finished = False
     try:
         trainer = Trainer(cfg, env)
         if dry_run:
             if env.is_main:
                 print(trainer.summary(), flush=True)
-            return 0
-        return trainer.run()
+            code = 0
+        else:
+            code = trainer.run()
+        finished = True
+        return code
     finally:
-        shutdown(env)
+        shutdown(env, together=finished)
