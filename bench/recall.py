@@ -1,12 +1,19 @@
 """Recall study: MQAR accuracy vs number of key-value pairs for pure GDN, GDN:attention hybrids and attention.
 
-    python bench/recall.py --quick      # CPU, minutes: short training, small grid
-    python bench/recall.py              # longer training, larger grid (CPU: tens of minutes; faster on a GPU)
+    python bench/recall.py --quick      # CPU, minutes per model: T = 64, up to 12 pairs, 500 steps of 16
+    python bench/recall.py              # longer training, T = 128, up to 24 pairs (CPU: hours; minutes on a GPU)
 
-At equal width and depth, every model trains with `recipes/mqar_hybrid.yaml` (only `model.pattern` differs) and
-is scored with `python -m lctrain eval RUN --task mqar`. The question ("A Systematic Analysis of Hybrid Linear
-Attention"): does recall rise with the share of full-attention layers, and how does it fall with more pairs?
-Writes bench/results/recall_<cpu|gpu>[_quick].json (+ a table on stdout); plot with `python bench/plots.py`.
+Every model trains with `recipes/mqar_hybrid.yaml` at the same width (only `model.pattern`, and for 6:1 the depth,
+differ) and is scored with `python -m lctrain eval RUN --task mqar`. Training puts the loss on the answers only
+(the value after each query key, as in Zoology) and mixes documents with 2 ... max pairs, so one model is
+evaluated at every pair count. The GDN state is kept small (2 heads of key dim 8) so that pure GDN's fixed
+state saturates within the grid while attention's KV cache grows with the context.
+
+The question ("A Systematic Analysis of Hybrid Linear Attention"): does recall rise with the share of
+full-attention layers, and how does it fall with more pairs? Models: `G` (pure GDN), `GGGGGGA` (6:1), `GGGA`
+(3:1), `A` (attention), all 4 layers except 6:1, which needs 7 (`--depth 7` trains every model with 7 layers;
+`GGGA` then repeats to `GGGAGGG`).
+Writes bench/results/recall_<cpu|gpu>[_quick].{json,png} (+ a table on stdout).
 """
 from __future__ import annotations
 
@@ -20,8 +27,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Equal depth (8 layers): 0, 1, 2 and 8 attention layers. `GGGGGGGA` is the closest 8-layer form of 6:1.
-MODELS = {"G": "G", "GGGGGGGA (7:1)": "GGGGGGGA", "GGGA (3:1)": "GGGA", "A": "A"}
+RECIPE = "recipes/mqar_hybrid.yaml"
+# label -> (pattern, layers at the default depth); the 6:1 period needs 7 layers.
+MODELS = {"G": ("G", 4), "GGGGGGA (6:1)": ("GGGGGGA", 7), "GGGA (3:1)": ("GGGA", 4), "A": ("A", 4)}
+
+
+def _mqar_sources(max_pairs: int, task_vocab: int) -> str:
+    """A `data.sources` override: equal parts of documents with 2, 4, 8, ... up to `max_pairs` pairs."""
+    counts = sorted({2, 4, *range(8, max_pairs + 1, 4)})
+    entries = [f"{{type: mqar, num_kv_pairs: {n}, task_vocab: {task_vocab}, seed: {i}}}"
+               for i, n in enumerate(counts)]
+    return f"data.sources=[{', '.join(entries)}]"
 
 
 def _run(cmd: list[str], env: dict) -> None:
@@ -32,47 +48,56 @@ def _run(cmd: list[str], env: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short training and a small grid")
+    parser.add_argument("--quick", action="store_true", help="short training and a small grid (CPU minutes)")
     parser.add_argument("--steps", type=int, help="training steps per model")
+    parser.add_argument("--depth", type=int, default=0, help="layers for every model (0: 4, and 7 for 6:1)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the labels")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "recall"))
     args = parser.parse_args()
-    steps = args.steps or (300 if args.quick else 3000)
-    seq_len, train_pairs = (64, 4) if args.quick else (128, 8)
-    eval_pairs = [2, 4, 8] if args.quick else [4, 8, 16, 24]
-    common = [f"model.n_layers=8", "model.d_model=64", f"train.steps={steps}", f"data.seq_len={seq_len}",
-              f"data.sources=[{{type: mqar, num_kv_pairs: {train_pairs}, task_vocab: 128}}]",
+    steps = args.steps or (500 if args.quick else 4000)
+    # Quick: 16 keys and 16 values, small enough for a tiny model to learn the embeddings in minutes.
+    seq_len, max_pairs, task_vocab = (64, 12, 32) if args.quick else (128, 24, 64)
+    eval_pairs = [2, 4, 8, 12] if args.quick else [4, 8, 12, 16, 24]
+    common = [f"train.steps={steps}", f"train.micro_batch_size={16 if args.quick else 32}",
+              f"train.warmup_steps={max(steps // 20, 1)}", f"data.seq_len={seq_len}",
+              _mqar_sources(max_pairs, task_vocab),
               "train.eval_interval=0", "checkpoint.interval=0", "logging.progress=none", "logging.tensorboard=false",
-              "checkpoint.resume=false", f"train.warmup_steps={max(steps // 20, 1)}"]
+              "checkpoint.resume=false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    chosen = [label.strip() for label in args.models.split(",")]
     rows = []
-    for label, pattern in MODELS.items():
+    for label in chosen:
+        pattern, layers = MODELS[label]
+        layers = args.depth or layers
         run_dir = Path(args.runs_dir) / pattern
         t0 = time.time()
-        _run([sys.executable, "-m", "lctrain", "recipes/mqar_hybrid.yaml", f"run.dir={run_dir}",
-              f"model.pattern={pattern}", *common], env)
+        _run([sys.executable, "-m", "lctrain", RECIPE, f"run.dir={run_dir}", f"model.pattern={pattern}",
+              f"model.n_layers={layers}", *common], env)
         train_s = time.time() - t0
         out = run_dir / "mqar.json"
         _run([sys.executable, "-m", "lctrain", "eval", str(run_dir), "--task", "mqar", "--lengths", str(seq_len),
-              "--kv-pairs", ",".join(map(str, eval_pairs)), "--trials", "128", "--out", str(out), "--no-progress",
-              "--no-tensorboard"], env)
+              "--kv-pairs", ",".join(map(str, eval_pairs)), "--task-vocab", str(task_vocab), "--trials", "256",
+              "--out", str(out), "--no-progress", "--no-tensorboard"], env)
         for r in json.loads(out.read_text())["results"]:
-            rows.append({"model": label, "pattern": pattern, "seq_len": r["seq_len"],
+            rows.append({"model": label, "pattern": pattern, "n_layers": layers, "seq_len": r["seq_len"],
                          "num_kv_pairs": r["num_kv_pairs"], "accuracy": r["accuracy"], "train_s": round(train_s, 1)})
-        print(f"{label}: trained {steps} steps in {train_s:.0f}s", flush=True)
+        print(f"{label}: {layers} layers, trained {steps} steps in {train_s:.0f}s", flush=True)
     print(f"\n{'model':16s} " + " ".join(f"kv={n:<6d}" for n in eval_pairs))
-    for label in MODELS:
+    for label in chosen:
         accs = [r["accuracy"] for r in rows if r["model"] == label]
         print(f"{label:16s} " + " ".join(f"{a:<9.3f}" for a in accs))
     device = "gpu" if _has_cuda() else "cpu"
     payload = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
                "device": device, "date": time.strftime("%Y-%m-%d"), "steps": steps, "seq_len": seq_len,
-               "train_kv_pairs": train_pairs, "command": " ".join(["python", "bench/recall.py", *sys.argv[1:]]),
-               "rows": rows}
+               "train_kv_pairs": f"2..{max_pairs}", "task_vocab": task_vocab, "chance": 2 / task_vocab,
+               "command": " ".join(["python", "bench/recall.py", *sys.argv[1:]]), "rows": rows}
     path = Path(args.out_dir) / f"recall_{device}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plots import plot_recall
+    print(f"wrote {path} and {plot_recall(path)}")
 
 
 def _has_cuda() -> bool:

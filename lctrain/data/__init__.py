@@ -6,8 +6,9 @@
     data.eval_batches(n)      the first n batches of held-out documents, identical on every rank ([] if none)
     data.tokens_per_window    == cfg.data.seq_len
 
-A batch is a dict of `input_ids`, `labels` (-100 = no loss), `position_ids`, all int64 `[micro_batch_size,
-seq_len]`, and `cu_seqlens` int32 `[N+1]` (document boundaries over the flattened tokens, equal to
+A batch is a dict of `input_ids`, `labels` (-100 = no loss: across document boundaries, and at the targets a
+synthetic task does not train, e.g. everything but the answers of MQAR), `position_ids`, all int64
+`[micro_batch_size, seq_len]`, and `cu_seqlens` int32 `[N+1]` (document boundaries over the flattened tokens, equal to
 `lctrain.models.context.cu_seqlens_from_positions(position_ids)`).
 
 Modules: `sources` (reading files through HF datasets), `stdlib_source` (the embedded default corpus),

@@ -1,8 +1,8 @@
 """The stateful, data-parallel-sharded training loader and the fixed evaluation batches.
 
 Training order (a pure function of seed and epoch): `sampling.epoch_order` picks and shuffles the documents of
-epoch e, `packing.PackedStream` cuts them into windows, and the epochs are laid end to end into one endless
-sequence of *global* windows. A step of the data-parallel group consumes the next `dp_size * micro_batch_size`
+epoch e, `packing.PackedStream` cuts them into windows (applying the per-token loss mask a synthetic split
+carries), and the epochs are laid end to end into one endless sequence of *global* windows. A step of the data-parallel group consumes the next `dp_size * micro_batch_size`
 global windows: rank r takes windows p + r, p + r + dp, ..., p + r + (B - 1) dp, where p is the group's position.
 Within an epoch this is the usual "rank r takes windows r, r + dp, r + 2 dp, ..."; an epoch that runs out
 mid-step simply continues into the next one.

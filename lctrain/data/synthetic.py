@@ -16,9 +16,10 @@ as it does with any mixture. A document of `length` tokens, N pairs:
 Query slots (pairs of positions after the context) are drawn without replacement with weight
 (gap + 1)^(alpha - 1), alpha = 0.01, so most queries come soon after the context and some come late (the gap
 distribution of Zoology's MQAR). A query is the key followed by its value, so plain next-token prediction on the
-document contains the task: at a query key the next token is its value. Training uses the ordinary LM loss (the
-loader has no per-token loss mask); the context and filler positions are unpredictable or trivial and only add a
-constant to the loss. Evaluation scores only the query positions.
+document contains the task: at a query key the next token is its value. As in Zoology, training puts the loss
+on the answers only: the source's documents carry a per-token `target_mask` (True at the value after each query
+key) and packing gives every other target of the document label -100, so the random context keys and values and
+the filler, which no model can predict, add neither loss nor gradient noise. Evaluation scores the same positions.
 
 Passkey is text-level: random filler sentences with "The pass key is 12345. Remember it. ..." hidden at a random
 depth, then "What is the pass key? The pass key is" and the answer " 12345.". The pieces are tokenised separately
@@ -32,13 +33,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from lctrain.config import ConfigError, SourceConfig
+from lctrain.data.token_store import SourceTokens, TokenSplit, token_dtype
 
 GAP_ALPHA = 0.01  # power-law exponent of the query gaps (Zoology's default)
-_VERSION = 1  # bump when the generated documents change, so caches keyed on the fingerprint are not reused
+_VERSION = 2  # bump when the documents or their target masks change (fingerprints, resume checks)
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -151,6 +154,20 @@ class PasskeyPrompts:
 
 
 # ----------------------------------------------------------------------------------------------- source
+@dataclass
+class MaskedTokenSplit(TokenSplit):
+    """A `TokenSplit` whose documents are trained on some targets only. target_mask: bool `[n_tokens]`, True
+    where the token is a loss target (predicted from the token before it); see `lctrain.data.packing`."""
+    target_mask: np.ndarray
+
+
+def answer_targets(answer_at: np.ndarray) -> np.ndarray:
+    """bool, shape of `answer_at`: True at the answers, one position after each query key."""
+    targets = np.zeros_like(answer_at)
+    targets[..., 1:] = answer_at[..., :-1]
+    return targets
+
+
 class SyntheticSource:
     """A `data.sources` entry of type `mqar` or `passkey`: same interface as `sources.Source` for the tokenizer
     (`dataset()`, `fingerprint()`), and `build_tokens()` in place of the token cache (generating is faster than
@@ -205,37 +222,42 @@ class SyntheticSource:
     def resolved_length(self, seq_len: int) -> int:
         return self.config.length or seq_len - 2
 
-    def build_tokens(self, tokenizer, eval_fraction: float, seq_len: int):
-        """The train and held-out documents as an in-memory `token_store.SourceTokens`."""
-        from lctrain.data.token_store import SourceTokens, TokenSplit, token_dtype
-
+    def build_tokens(self, tokenizer, eval_fraction: float, seq_len: int) -> SourceTokens:
+        """The train and held-out documents as in-memory splits; MQAR splits carry their answer mask."""
         n_train = self.num_documents
         n_eval = math.ceil(n_train * eval_fraction) if eval_fraction > 0 else 0
         length = self.resolved_length(seq_len)
         dtype = token_dtype(tokenizer.vocab_size)
         splits, digest = {}, hashlib.sha256(self.fingerprint().encode())
         for name, count, stream in (("train", n_train, _TRAIN_STREAM), ("eval", n_eval, _EVAL_STREAM)):
-            docs = self._generate(tokenizer, count, length, rng_for(self.config.seed, stream))
+            docs, targets = self._generate(tokenizer, count, length, rng_for(self.config.seed, stream))
             flat = docs.reshape(-1).astype(dtype)
             offsets = np.arange(count + 1, dtype=np.int64) * length
             digest.update(flat.tobytes())
-            splits[name] = TokenSplit(flat, offsets)
+            if targets is None:
+                splits[name] = TokenSplit(flat, offsets)
+            else:
+                splits[name] = MaskedTokenSplit(flat, offsets, targets.reshape(-1))
+                digest.update(splits[name].target_mask.tobytes())
         meta = {"source": self.key, "source_type": self.config.type, "train_docs": n_train, "eval_docs": n_eval,
                 "tokenizer": tokenizer.fingerprint, "content_hash": digest.hexdigest()[:20]}
         return SourceTokens(splits["train"], splits["eval"], meta, None)
 
-    def _generate(self, tokenizer, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
-        """int64 `[count, length]` documents."""
+    def _generate(self, tokenizer, count: int, length: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """int64 `[count, length]` documents and, for MQAR, their bool `[count, length]` answer targets (passkey
+        documents train on every token: None)."""
         if self.config.type == "mqar":
             base = task_id_base(tokenizer)
             top = base + self.config.task_vocab
             if top > tokenizer.vocab_size:
                 raise ConfigError(f"{self.key}.task_vocab: ids {base}..{top - 1} do not fit the tokenizer's "
                                   f"{tokenizer.vocab_size} ids; lower task_vocab or use a larger tokenizer")
-            tokens, _ = mqar_documents(rng, count, length, self.config.num_kv_pairs, self.config.task_vocab, base,
-                                       tokenizer.pad_id)
-            return tokens
+            tokens, answer_at = mqar_documents(rng, count, length, self.config.num_kv_pairs, self.config.task_vocab,
+                                               base, tokenizer.pad_id)
+            return tokens, answer_targets(answer_at)
         prompts = PasskeyPrompts(tokenizer)
         keys = random_digits(rng, count)
         depths = rng.random(count)
-        return np.array([prompts.document(key, length, depth) for key, depth in zip(keys, depths)], dtype=np.int64)
+        return np.array([prompts.document(key, length, depth) for key, depth in zip(keys, depths)],
+                        dtype=np.int64), None

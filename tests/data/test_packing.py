@@ -1,4 +1,6 @@
 """Packing: windows of seq_len + 1 stream tokens, positions restarting at documents and windows, masked labels."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,46 @@ def test_several_sources_and_collate_matches_the_model_boundaries():
         "position_ids": ((3, 7), torch.int64), "cu_seqlens": ((int(batch["cu_seqlens"].numel()),), torch.int32)}
     assert torch.equal(batch["cu_seqlens"], cu_seqlens_from_positions(batch["position_ids"]))
     assert batch["cu_seqlens"][0] == 0 and batch["cu_seqlens"][-1] == 21
+
+
+def _labels_by_stream_target(stream):
+    """{stream offset of a target token: its label} over every window (each target appears exactly once)."""
+    found = {}
+    for w in range(len(stream)):
+        labels = stream.example(w)["labels"]
+        for t, label in enumerate(labels):
+            found[w * stream.seq_len + t + 1] = int(label)
+    return found
+
+
+@pytest.mark.parametrize("seq_len", [4, 7, 16])  # documents cut by windows, and several documents per window
+def test_target_mask_keeps_only_marked_targets_and_leaves_text_unchanged(seq_len):
+    text, _ = make_split([5, 9, 3], start=100)
+    masked_plain, _ = make_split([6, 2, 10], start=5000)
+    target_mask = np.zeros(len(masked_plain.tokens), dtype=bool)
+    target_mask[[1, 4, 7, 12, 17]] = True  # body tokens 1 and 4 of doc 0, 1 of doc 1, 4 and 9 of doc 2
+    masked = SimpleNamespace(tokens=masked_plain.tokens, offsets=masked_plain.offsets, target_mask=target_mask)
+    sources, doc_ids = np.array([1, 0, 1, 0, 1, 0]), np.array([2, 1, 0, 0, 1, 2])
+    with_mask = PackedStream([text, masked], sources, doc_ids, seq_len, BOS, EOS)
+    without_mask = PackedStream([text, masked_plain], sources, doc_ids, seq_len, BOS, EOS)
+    assert len(with_mask) == len(without_mask) > 0
+    for w in range(len(with_mask)):  # inputs and positions do not depend on the mask
+        a, b = with_mask.example(w), without_mask.example(w)
+        assert np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["position_ids"], b["position_ids"])
+    masked_labels, plain_labels = _labels_by_stream_target(with_mask), _labels_by_stream_target(without_mask)
+    trained_masked = set()
+    for m, (s, d) in enumerate(zip(sources, doc_ids)):
+        start = int(with_mask.starts[m])
+        body = range(start + 1, int(with_mask.starts[m + 1]) - 1)  # stream offsets of the body tokens
+        framed = [start, *body, start + len(body) + 1]  # BOS, body, EOS
+        for offset in framed:
+            if offset not in masked_labels:  # beyond the last full window
+                continue
+            if s == 0:  # text: labels exactly as without any mask
+                assert masked_labels[offset] == plain_labels[offset]
+            elif offset in body and target_mask[masked.offsets[d] + offset - start - 1]:
+                assert masked_labels[offset] == plain_labels[offset] != IGNORE_INDEX
+                trained_masked.add(offset)
+            else:  # unmarked body tokens, BOS and EOS of a masked document
+                assert masked_labels[offset] == IGNORE_INDEX
+    assert trained_masked  # the check above ran on marked targets

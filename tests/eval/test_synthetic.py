@@ -118,3 +118,42 @@ def test_mqar_ids_beyond_the_tokenizer_are_refused(tmp_path):
                              f"data.cache_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data.sources\[0\].task_vocab: ids 4..4003 do not fit"):
         build_data(cfg, progress=False)
+
+
+def test_mqar_batches_train_only_on_the_answers(tmp_path):
+    """Labels of MQAR windows are -100 everywhere except at the values after the query keys; text sources in the
+    same mixture keep a label on every target of their documents."""
+    from lctrain.data import build_data
+
+    pairs, vocab = 4, 64
+    text = tmp_path / "a.txt"
+    text.write_text("Plain text for the mixture, all of it trained. " * 200)
+    sources = (f"data.sources=[{{type: mqar, num_kv_pairs: {pairs}, task_vocab: {vocab}, num_examples: 64}}, "
+               f"{{type: text, path: '{text}'}}]")
+    data = build_data(load_config(None, [sources, "data.seq_len=64", "data.vocab_size=300", "data.eval_fraction=0",
+                                         f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch_size=8"]),
+                      progress=False)
+    base, pad = task_id_base(data.tokenizer), data.tokenizer.pad_id
+    mqar_rows = text_targets = 0
+    for _ in range(6):
+        batch = next(data.train)
+        for ids, labels, positions in zip(batch["input_ids"].numpy(), batch["labels"].numpy(),
+                                          batch["position_ids"].numpy()):
+            starts = np.flatnonzero(positions == 0)
+            for lo, hi in zip(starts, [*starts[1:], len(ids)]):  # each document (or piece of one) in the window
+                doc, doc_labels = ids[lo:hi], labels[lo:hi]
+                if (doc == pad).any():  # MQAR: its filler is the pad id, which text never produces
+                    assert hi - lo == 64 and doc[0] == data.tokenizer.bos_id  # [BOS] document [EOS] fills a window
+                    mqar_rows += 1
+                    keys, values = doc[1:2 * pairs + 1:2], doc[2:2 * pairs + 2:2]
+                    assert ((keys >= base) & (keys < base + vocab // 2)).all()
+                    answers = dict(zip(keys.tolist(), values.tolist()))
+                    trained = np.flatnonzero(doc_labels != -100)
+                    assert len(trained) == pairs  # nothing but the answers
+                    assert all(t > 2 * pairs and doc_labels[t] == answers[doc[t]] for t in trained)
+                    assert sorted(doc[trained].tolist()) == sorted(answers)  # every key answered once
+                else:  # text: every target inside the document is trained, exactly as without masks
+                    inner = doc_labels[:-1]  # the last label belongs to the next document or window
+                    assert np.array_equal(inner, ids[lo + 1:hi])
+                    text_targets += len(inner)
+    assert mqar_rows >= 8 and text_targets > 100
