@@ -26,9 +26,7 @@ def run_ds(cache_dir, run, *overrides, timeout=300):
     return run_lctrain(cache_dir, run, *STEPS, "train.engine=deepspeed", *overrides, nproc=2, timeout=timeout)
 
 
-# ZeRO-2 differs from ZeRO-1 only in where gradients live; it runs with the slow tests to keep the default
-# suite within its time budget (each case is three 2-process runs).
-@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_trains_and_resumes_bit_identically(cache_dir, tmp_path, stage):
     zero = f"deepspeed.zero_stage={stage}"
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -6,10 +6,7 @@ from tests.train.conftest import run_lctrain, train_losses
 SP_MODEL = ["model.n_heads=4", "model.n_kv_heads=4", "model.pattern=GGGA", "model.n_layers=4", "train.steps=3",
             "checkpoint.interval=0", "train.eval_batches=0"]
 
-COMBOS = [("ring", "zigzag"), ("allgather", "contiguous"), ("ulysses", "zigzag"),
-          pytest.param("ring", "contiguous", marks=pytest.mark.slow),
-          pytest.param("allgather", "zigzag", marks=pytest.mark.slow),
-          pytest.param("ulysses", "contiguous", marks=pytest.mark.slow)]
+COMBOS = [(attn, layout) for attn in ("allgather", "ring", "ulysses") for layout in ("contiguous", "zigzag")]
 
 
 @pytest.fixture(scope="module")
