@@ -67,12 +67,19 @@ def _chunk_terms(q, k, v, g, beta, scale, chunk_size):
     }
 
 
+def _per_chunk(terms):
+    """Split every term along the chunk axis once. Indexing `x[:, :, c]` inside the chunk loop would make autograd
+    build a full-size gradient of x for every chunk (quadratic in T); `unbind` assembles it once."""
+    return {name: t.unbind(2) for name, t in terms.items()}
+
+
 def _chunk_step(terms, c, state):
-    """Output of chunk c and the state after it, given the state entering it (`[B, H, K, V]`)."""
-    delta = terms["u"][:, :, c] - terms["w"][:, :, c] @ state
-    out = terms["q_gated"][:, :, c] @ state + terms["qk"][:, :, c] @ delta
-    state = (torch.exp(terms["last_gate"][:, :, c])[..., None, None] * state
-             + terms["k_to_end"][:, :, c].transpose(-1, -2) @ delta)
+    """Output of chunk c and the state after it, given the state entering it (`[B, H, K, V]`); `terms` come
+    from `_per_chunk`."""
+    delta = terms["u"][c] - terms["w"][c] @ state
+    out = terms["q_gated"][c] @ state + terms["qk"][c] @ delta
+    state = (torch.exp(terms["last_gate"][c])[..., None, None] * state
+             + terms["k_to_end"][c].transpose(-1, -2) @ delta)
     return out, state
 
 
@@ -88,7 +95,7 @@ def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
     padded = num_chunks * chunk_size
     # Padded tokens have g = 0 and beta = 0: they leave the state untouched and their outputs are dropped.
     q, k, v, g, beta = (_pad_time(x, padded) for x in (q, k, v, g, beta))
-    terms = _chunk_terms(q, k, v, g, beta, scale, chunk_size)
+    terms = _per_chunk(_chunk_terms(q, k, v, g, beta, scale, chunk_size))
     outputs = []
     for c in range(num_chunks):
         out, state = _chunk_step(terms, c, state)
@@ -105,7 +112,7 @@ def _chunked_packed(q, k, v, g, beta, scale, states, cu_seqlens, chunk_size):
     if layout.num_chunks == 0:
         return v.new_zeros(v.shape), states
     q, k, v, g, beta = (layout.align(x) for x in (q, k, v, g, beta))  # zero padding: g = 0, beta = 0 are neutral
-    terms = _chunk_terms(q, k, v, g, beta, scale, chunk_size)
+    terms = _per_chunk(_chunk_terms(q, k, v, g, beta, scale, chunk_size))
     outputs, finals = [], list(states.unbind(0))
     state = None
     for c in range(layout.num_chunks):

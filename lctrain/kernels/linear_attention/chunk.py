@@ -121,13 +121,16 @@ def _chunk_rows(
         state = initial_state.to(compute)
     o_inter = []
     finals = list(state.unbind(0)) if layout is not None else None
+    # unbind once: indexing [:, :, c] in the loop would give each chunk a full-size gradient buffer (O(T^2))
+    q_chunks, k_chunks, v_chunks = q_from_start.unbind(2), k_to_end.unbind(2), vc.unbind(2)
+    decay_chunks = chunk_decay.unbind(2)
     for c in range(num_chunks):
         if layout is not None:  # packed documents: each starts from its own state
             doc = layout.chunk_doc[c]
             if c == layout.doc_first_chunk[doc]:
                 state = initial_state[doc:doc + 1].to(compute)
-        o_inter.append(q_from_start[:, :, c] @ state)
-        state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+        o_inter.append(q_chunks[c] @ state)
+        state = decay_chunks[c][..., None, None] * state + k_chunks[c].transpose(-1, -2) @ v_chunks[c]
         if layout is not None and c == layout.doc_last_chunk[doc]:
             finals[doc] = state[0]
     if layout is not None:

@@ -77,9 +77,11 @@ def _chunk_rows(q, k, v, scale, initial_state, chunk_size):
     else:
         state = initial_state.to(compute)
     inter = []
+    # unbind once: indexing [:, :, c] in the loop would give each chunk a full-size gradient buffer (O(T^2))
+    q_chunks, k_chunks, v_chunks = phi_q.unbind(2), phi_k.unbind(2), vc.unbind(2)
     for c in range(num_chunks):
-        inter.append(phi_q[:, :, c] @ state)
-        state = state + phi_k[:, :, c].transpose(-1, -2) @ vc[:, :, c]
+        inter.append(q_chunks[c] @ state)
+        state = state + k_chunks[c].transpose(-1, -2) @ v_chunks[c]
     y = y + torch.stack(inter, dim=2)
     y = y.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk_size, heads, -1)[:, :length]
     return y, state

@@ -149,17 +149,21 @@ def _chunk_rows(q, k, v, alpha, eta, theta, chunk_size, initial_state):
     qk_weighted = (qc @ kc.transpose(-1, -2)) * in_memory  # D[t, j] theta_j (q_t . k_j)
 
     outputs = []
+    # unbind once: indexing [:, :, c] in the loop would give each chunk a full-size gradient buffer (O(T^2))
+    q_all, k_all, v_all, qk_all = qc.unbind(2), kc.unbind(2), vc.unbind(2), qk_weighted.unbind(2)
+    keep_m0_all, keep_s0_all = keep_m0.unbind(2), keep_s0.unbind(2)
+    s0_mem_all, in_mem_all, mom_w_all = s0_in_memory.unbind(2), in_memory.unbind(2), momentum_weight.unbind(2)
     for c in range(num_chunks):
         last = min(chunk_size, length - c * chunk_size) - 1  # final state is read at the last real token
-        q_c, k_c = qc[:, :, c], kc[:, :, c]
-        error = k_c @ memory - vc[:, :, c]  # E = K M0 - V, [B, H, C, V]
-        outputs.append(keep_m0[:, :, c, :, None] * (q_c @ memory) + s0_in_memory[:, :, c, :, None] * (q_c @ momentum)
-                       - qk_weighted[:, :, c] @ error)
-        memory_update = (k_c * in_memory[:, :, c, last, :, None]).transpose(-1, -2) @ error
-        momentum_update = (k_c * momentum_weight[:, :, c, last, :, None]).transpose(-1, -2) @ error
-        memory, momentum = (keep_m0[:, :, c, last, None, None] * memory
-                            + s0_in_memory[:, :, c, last, None, None] * momentum - memory_update,
-                            keep_s0[:, :, c, last, None, None] * momentum - momentum_update)
+        q_c, k_c = q_all[c], k_all[c]
+        error = k_c @ memory - v_all[c]  # E = K M0 - V, [B, H, C, V]
+        outputs.append(keep_m0_all[c][..., None] * (q_c @ memory) + s0_mem_all[c][..., None] * (q_c @ momentum)
+                       - qk_all[c] @ error)
+        memory_update = (k_c * in_mem_all[c][:, :, last, :, None]).transpose(-1, -2) @ error
+        momentum_update = (k_c * mom_w_all[c][:, :, last, :, None]).transpose(-1, -2) @ error
+        memory, momentum = (keep_m0_all[c][:, :, last, None, None] * memory
+                            + s0_mem_all[c][:, :, last, None, None] * momentum - memory_update,
+                            keep_s0_all[c][:, :, last, None, None] * momentum - momentum_update)
     o = torch.stack(outputs, dim=2)  # [B, H, n, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk_size, heads, value_dim)[:, :length]
     return o.to(q.dtype), memory, momentum
