@@ -88,7 +88,7 @@ def main() -> None:
         accs = [r["accuracy"] for r in rows if r["model"] == label]
         print(f"{label:16s} " + " ".join(f"{a:<9.3f}" for a in accs))
     device = "gpu" if _has_cuda() else "cpu"
-    payload = {"machine": f"{platform.node()} {platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
+    payload = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
                "device": device, "date": time.strftime("%Y-%m-%d"), "steps": steps, "seq_len": seq_len,
                "train_kv_pairs": f"2..{max_pairs}", "task_vocab": task_vocab, "chance": 2 / task_vocab,
                "command": " ".join(["python", "bench/recall.py", *sys.argv[1:]]), "rows": rows}
