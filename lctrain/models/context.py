@@ -7,6 +7,14 @@ from typing import Any
 import torch
 
 
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` positions -> `[B, T]` long document index per row, from 0 (a document starts at position 0 and at
+    the start of every row)."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return torch.cumsum(starts.long(), dim=1) - 1
+
+
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     """Packed-document offsets over the flattened `[B*T]` tokens: a sequence starts wherever the position is 0
     and at the start of every row. Returns int32 `[N+1]`."""

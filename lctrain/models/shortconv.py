@@ -13,11 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return torch.cumsum(starts.to(torch.int32), dim=1)
+from lctrain.models.context import document_ids
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position_ids: torch.Tensor | None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lctrain.models.context import document_ids
 from lctrain.parallel import comm
 from lctrain.parallel.groups import SPGroups, single_process_groups
 
@@ -27,14 +28,6 @@ def chunk_ids_of(sp_rank: int, sp_size: int, layout: str) -> tuple[int, ...]:
     if layout == "zigzag":
         return (sp_rank, 2 * sp_size - 1 - sp_rank)
     raise ValueError(f"sharding: layout must be one of {LAYOUTS}, got {layout!r}")
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` positions -> `[B, T]` long document index per row (a document starts at position 0 and at the
-    start of every row)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return torch.cumsum(starts.long(), dim=1) - 1
 
 
 @dataclass

@@ -8,20 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lctrain.models.blocks import RotaryEmbedding
-from lctrain.models.context import BatchContext
+from lctrain.models.context import BatchContext, document_ids
 from lctrain.models.mixers.registry import register_mixer
 
 try:  # flash-attn is an optional extra; used for CUDA bf16/fp16 when installed
     from flash_attn import flash_attn_varlen_func
 except Exception:  # pragma: no cover - depends on the environment
     flash_attn_varlen_func = None
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] positions -> [B, T] running document index (a document starts where the position is 0)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    return torch.cumsum(starts.to(torch.int32), dim=1)
 
 
 def document_causal_mask(q_docs: torch.Tensor, k_docs: torch.Tensor, q_index: torch.Tensor,
