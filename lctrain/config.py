@@ -49,6 +49,8 @@ class ModelConfig:
     loss_chunk_tokens: int = 2048  # cross-entropy is computed this many tokens at a time
     activation_checkpointing: bool = False
     attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.
+    attn_plan: str = ""
 
 
 SYNTHETIC_SOURCES = ("mqar", "passkey")  # generated from a seed (lctrain.data.synthetic), no files
@@ -135,6 +137,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters through peft (fine-tuning from checkpoint.init_from); checkpoints then hold only what
+    trains. `trainable`: other parameters trained in full, by name part (LongLoRA+: embeddings and norms)."""
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    trainable: list = field(default_factory=lambda: ["embed", "norm"])
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
@@ -148,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -198,6 +213,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.keep_last": (lambda v: v > 0, "a positive integer"),
     "deepspeed.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),
     "deepspeed.reduce_bucket_size": (lambda v: v > 0, "a positive integer"),
+    "lora.r": (lambda v: v > 0, "a positive integer"),
+    "lora.alpha": (lambda v: v > 0, "a positive number"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "deepspeed.allgather_bucket_size": (lambda v: v > 0, "a positive integer"),
 }
 
@@ -405,6 +423,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps={cfg.train.steps}")
     _validate_deepspeed(cfg.deepspeed)
+    _validate_lora(cfg)
+    if m.attn_plan and not Path(m.attn_plan).is_file():
+        raise ConfigError(f"model.attn_plan: file not found: {m.attn_plan} (write one with `lctrain moa search`)")
     sp = cfg.parallel.sp
     if sp > 1 and cfg.parallel.attn == "ulysses" and (m.n_heads % sp or kv % sp):
         raise ConfigError(f"parallel.attn: 'ulysses' shards heads, but model.n_heads={m.n_heads} / n_kv_heads={kv} "
@@ -434,6 +455,21 @@ def _validate_synthetic(src: SourceConfig, key: str, seq_len: int) -> None:
                               "or length)")
     elif length < 64:
         raise ConfigError(f"{key}.length: {length} tokens is too short for a passkey prompt; expected >= 64")
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.lora
+    if not lora.enabled:
+        return
+    if not cfg.checkpoint.init_from:
+        raise ConfigError("lora.enabled: LoRA fine-tunes a trained model; set checkpoint.init_from to a run, a "
+                          "checkpoint or hf:PATH")
+    if cfg.train.engine != "ddp":
+        raise ConfigError(f"lora.enabled: supported with train.engine='ddp', got {cfg.train.engine!r}")
+    for key in ("target_modules", "trainable"):
+        value = getattr(lora, key)
+        if not all(isinstance(v, str) and v for v in value) or (key == "target_modules" and not value):
+            raise ConfigError(f"lora.{key}: {value!r}; expected a list of module names like ['q_proj', 'v_proj']")
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig) -> None:

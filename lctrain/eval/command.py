@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_positive, help="raise the cap on lengths (default: 16 x training length)")
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--heatmap", help="niah: PNG path (default: beside --out, else niah.png in the run's eval/)")
+    p.add_argument("--attn-plan", help="MoA plan JSON (`lctrain moa search`) applied to the attention layers")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write the run's TensorBoard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,7 +83,7 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _held_out_stream(target, progress: bool):
+def held_out_stream(target, progress: bool):
     """The run's held-out documents, framed and concatenated (what training's eval loss is computed on)."""
     from lctrain.data import build_data
     from lctrain.eval.perplexity import frame_documents
@@ -105,7 +106,7 @@ def _haystack(target, args, tokenizer) -> list[int]:
         return tokenizer.encode("\n\n".join(read_documents(args.data)))
     if target.config is not None and all(s.type not in ("mqar", "passkey") for s in target.config.data.sources):
         try:
-            stream = _held_out_stream(target, not args.no_progress)
+            stream = held_out_stream(target, not args.no_progress)
             return [int(t) for t in stream if int(t) not in (tokenizer.bos_id, tokenizer.eos_id)]
         except ConfigError:
             pass  # no held-out split: fall back to the filler
@@ -134,7 +135,7 @@ def run_task(target, args) -> tuple[list[dict], list[str], dict[str, float], dic
             docs = read_documents(args.data)
             stream = frame_documents(tokenizer.encode_batch(docs), tokenizer.bos_id, tokenizer.eos_id)
         else:
-            stream = _held_out_stream(target, progress)
+            stream = held_out_stream(target, progress)
         rows = []
         for length in lengths:
             stride = min(args.stride or max(length // 2, 1), length)
@@ -164,9 +165,13 @@ def eval_main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     started = time.time()
     target = load_target(args.path, _device(args.device))
+    if args.attn_plan:
+        from lctrain.moa.apply import set_attn_plan
+        set_attn_plan(target.model, args.attn_plan)
     rows, columns, scalars, settings = run_task(target, args)
     print(format_table(rows, columns), flush=True)
-    payload = {"task": args.task, "path": str(args.path), "step": target.step, "seed": args.seed,
+    payload = {"task": args.task, "path": str(args.path), "attn_plan": args.attn_plan, "step": target.step,
+               "seed": args.seed,
                "device": str(next(target.model.parameters()).device), "settings": settings, "results": rows,
                "seconds": round(time.time() - started, 2)}
     if args.task == "niah":

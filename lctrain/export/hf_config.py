@@ -75,6 +75,9 @@ def _common(model, special_ids: dict, max_positions: int) -> dict:
     attn = mixer_config(model).get("attn", {})
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
     rope_theta = attn.get("rope_theta", cfg.rope_theta)
+    factor = float(attn.get("rope_scaling", 1.0))
+    # Position interpolation is transformers' "linear" rope type (positions divided by the factor).
+    rope = ({"rope_type": "linear", "factor": factor} if factor != 1.0 else {"rope_type": "default"})
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -86,7 +89,8 @@ def _common(model, special_ids: dict, max_positions: int) -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "rope_parameters": {**rope, "rope_theta": rope_theta},
+        **({"rope_scaling": dict(rope)} if factor != 1.0 else {}),
         "max_position_embeddings": max_positions,
         "tie_word_embeddings": bool(cfg.tie_embeddings),
         "initializer_range": cfg.init_std,
@@ -96,10 +100,6 @@ def _common(model, special_ids: dict, max_positions: int) -> dict:
 
 
 def llama_config(model, special_ids: dict, max_positions: int, dtype: str) -> dict:
-    attn = mixer_config(model)["attn"]
-    if attn["rope_scaling"] != 1.0:
-        raise ConfigError(f"export: model.mixers.attn.rope_scaling={attn['rope_scaling']} has no plain Llama "
-                          "equivalent; export with --remote-code")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             **_common(model, special_ids, max_positions), "attention_bias": False, "attention_dropout": 0.0,
             "mlp_bias": False, "pretraining_tp": 1, "torch_dtype": dtype, "dtype": dtype}
@@ -152,7 +152,7 @@ def check_supported(hf: dict, where: str) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "linear", None):
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
     if hf.get("sliding_window") and kind == "mistral":
         problems.append(f"sliding_window={hf['sliding_window']}")
@@ -161,6 +161,14 @@ def check_supported(hf: dict, where: str) -> None:
     if problems:
         raise ConfigError(f"{where}: unsupported architecture: {', '.join(problems)} (lctrain's attention layer is "
                           "bias-free SwiGLU + RMSNorm + plain RoPE, full attention)")
+
+
+def _rope_factor(hf: dict) -> float:
+    """Linear RoPE scaling (position interpolation) factor of a Llama-family config; 1 when none."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "linear":
+        return float(rope.get("factor", 1.0))
+    return 1.0
 
 
 def model_keys_from_hf(hf: dict) -> dict:
@@ -188,6 +196,8 @@ def model_keys_from_hf(hf: dict) -> dict:
         keys["mixers"] = _mixer_options_from_export(hf)
     else:
         keys["pattern"] = "A"
+        if _rope_factor(hf) != 1.0:
+            keys["mixers"] = {"attn": {"rope_scaling": _rope_factor(hf)}}
     return keys
 
 

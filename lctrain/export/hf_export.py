@@ -20,7 +20,7 @@ from lctrain.export import hf_config, names
 from lctrain.export.run_files import locate
 from lctrain.export.tokenizer_files import special_ids, write_tokenizer
 from lctrain.models import LanguageModel
-from lctrain.train.checkpoint import load_model_weights
+from lctrain.train.checkpoint import load_weights
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 # Every module of the remote package except its __init__ (the modeling file imports the others relatively).
@@ -80,9 +80,6 @@ def export_run(source: str | Path, out_dir: str | Path, dtype: str = "float32", 
         raise ConfigError(f"export: no tokenizer found for {source} (expected <run.dir>/tokenizer/tokenizer.model "
                           "or the recipe's data.tokenizer)")
     model = LanguageModel(files.model_cfg)
-    try:
-        load_model_weights(model, files.weights)
-    except ValueError as exc:
-        raise ConfigError(f"export: {exc}") from None
+    load_weights(model, files.weights, where="export")
     return export_model(model, Tokenizer.load(files.tokenizer), out_dir, dtype, files.max_positions,
                         max_shard_size, remote_code)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from lctrain.config import ConfigError, ModelConfig
 from lctrain.data.tokenizer import Tokenizer
 from lctrain.models import LanguageModel
-from lctrain.train.checkpoint import load_model_weights
+from lctrain.train.checkpoint import load_weights
 
 
 class CausalLM(nn.Module):
@@ -49,7 +49,7 @@ def _from_run(path: Path) -> tuple[LanguageModel, Tokenizer | None]:
 
     files = locate(path)
     lm = LanguageModel(files.model_cfg)
-    load_model_weights(lm, files.weights)
+    load_weights(lm, files.weights, where="load_model")
     return lm, Tokenizer.load(files.tokenizer) if files.tokenizer else None
 
 

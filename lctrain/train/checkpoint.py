@@ -133,7 +133,10 @@ class CheckpointManager:
             collective_write(tmp)
         torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank-{self.rank}.pt")
         if self.rank == 0:
-            if model is not None:
+            if model is not None and getattr(model, "_lora_cfg", None) is not None:
+                from lctrain.train.lora import save_adapter  # LoRA runs store what trains, not the base
+                save_adapter(model, tmp, model._lora_base)
+            elif model is not None:
                 save_file(_model_tensors(model), str(tmp / "model.safetensors"))
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -172,6 +175,10 @@ class CheckpointManager:
                              "checkpoint.init_from for weights only)")
         if load_engine_state is not None:
             load_engine_state(path)
+        elif getattr(model, "_lora_cfg", None) is not None:
+            from lctrain.train.lora import ADAPTER_FILE, load_adapter
+            load_adapter(model, path / ADAPTER_FILE)
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         else:
             load_model_weights(model, path / "model.safetensors")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
@@ -180,15 +187,47 @@ class CheckpointManager:
         return trainer, per_rank["data"]
 
 
+def _weights_in(directory: Path) -> Path:
+    """A checkpoint directory's weights: model.safetensors, or adapter.safetensors for a LoRA run."""
+    adapter = directory / "adapter.safetensors"
+    return adapter if adapter.is_file() and not (directory / "model.safetensors").is_file() else \
+        directory / "model.safetensors"
+
+
 def resolve_weights(path: str | os.PathLike) -> Path:
-    """A run directory, a checkpoints dir, a checkpoint dir or a .safetensors file -> the weights file."""
+    """A run directory, a checkpoints dir, a checkpoint dir or a .safetensors file -> the weights file
+    (`adapter.safetensors` for a LoRA run: `load_weights` merges it with its base)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         return p
     for root in (p / "checkpoints", p):
         pointer = root / LATEST
         if pointer.is_file():
-            return root / pointer.read_text().strip() / "model.safetensors"
-    if (p / "model.safetensors").is_file():
-        return p / "model.safetensors"
+            return _weights_in(root / pointer.read_text().strip())
+    if (p / "model.safetensors").is_file() or (p / "adapter.safetensors").is_file():
+        return _weights_in(p)
     raise FileNotFoundError(f"no model weights under {p} (expected a run dir, a checkpoint dir or a .safetensors file)")
+
+
+def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str = "checkpoint.init_from") -> None:
+    """Weights into `model` from `hf:PATH`, a run/checkpoint directory or a .safetensors file; a LoRA checkpoint
+    is merged with its base first. Errors are one-line ConfigErrors prefixed by `where`."""
+    from lctrain.config import ConfigError
+
+    source = str(source)
+    if source.startswith("hf:"):
+        from lctrain.export.hf_import import load_hf_weights
+        load_hf_weights(model, source[3:])
+        return
+    try:
+        weights = resolve_weights(source)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if weights.name == "adapter.safetensors":
+        from lctrain.train.lora import load_merged
+        load_merged(model, weights)
+        return
+    try:
+        load_model_weights(model, weights)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

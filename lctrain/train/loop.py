@@ -17,7 +17,7 @@ from lctrain.config import Config, ConfigError
 from lctrain.models import LanguageModel
 from lctrain.models.flops import flops_per_token, peak_flops
 from lctrain.train.batches import BatchPreparer
-from lctrain.train.checkpoint import CheckpointManager, load_model_weights, resolve_weights
+from lctrain.train.checkpoint import CheckpointManager, load_weights
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from lctrain.train.memory import activation_memory_estimate
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
@@ -89,15 +89,11 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
 
     def _init_from(self, source: str) -> None:
-        if source.startswith("hf:"):
-            from lctrain.export.hf_import import load_hf_weights  # lands with the Hugging Face import
-            load_hf_weights(self.model, source[3:])
-            return
-        try:
-            weights = resolve_weights(source)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"checkpoint.init_from: {exc}") from None
-        load_model_weights(self.model, weights)
+        load_weights(self.model, source)  # hf:PATH, a run, a checkpoint (a LoRA one merged with its base)
+        if self.cfg.lora.enabled:  # adapters after the base weights: LoRA B = 0 leaves the model unchanged
+            from lctrain.train.lora import apply_lora, describe_base
+            self.model = apply_lora(self.model, self.cfg.lora)
+            self.model._lora_base = describe_base(source)
 
     def _autocast_dtype(self):
         choice = self.cfg.train.dtype
@@ -116,6 +112,8 @@ class Trainer:
             f"world: {lay.world} = dp {lay.dp} x sp {lay.sp}; micro-batch {self.cfg.train.micro_batch_size} x "
             f"{self.cfg.data.seq_len} tokens",
             f"tokens per step: {lay.tokens_per_step:,} (gradient accumulation {lay.grad_accum})",
+            *([f"LoRA r={self.cfg.lora.r}: {sum(p.numel() for p in m.parameters() if p.requires_grad):,} "
+               "parameters train"] if self.cfg.lora.enabled else []),
             f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
             f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
         ])

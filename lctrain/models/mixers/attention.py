@@ -1,4 +1,13 @@
-"""`attn`: full causal softmax attention with RoPE, GQA and document masking for packed sequences."""
+"""`attn`: causal softmax attention with RoPE, GQA and document masking for packed sequences.
+
+Besides full attention it has the sparse patterns of two context-extension methods:
+
+* `mode: sf_attn` / `s2_attn` (SinkLoRA / LongLoRA): while training, heads attend within groups of tokens (half of
+  them shifted by half a group) plus, for sf_attn, the first `sink` tokens of the document; evaluation and
+  decoding use full attention (`lctrain.kernels.sf_attention`).
+* a MoA plan (`model.attn_plan`): each head keeps an elastic sliding window alpha + beta * N plus the plan's sink
+  tokens, at training and inference (`lctrain.kernels.local_attention` with per-head windows).
+"""
 from __future__ import annotations
 
 import math
@@ -7,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lctrain.config import ConfigError
+from lctrain.kernels import local_attention
 from lctrain.models.blocks import RotaryEmbedding
 from lctrain.models.context import BatchContext, document_ids
 from lctrain.models.mixers.registry import register_mixer
@@ -60,11 +71,31 @@ class Attention(nn.Module):
 
     x [B, T, D] -> [B, T, D]. Queries have `n_heads` heads, keys/values `n_kv_heads`; RoPE on q and k with the
     batch's positions (reset per document); attention never crosses a document boundary.
+
+    Options (`model.mixers.attn`): rope_theta; rope_scaling (position interpolation factor, e.g. 4 to extend a
+    model to 4x its training length); mode (`full`, or `sf_attn` / `s2_attn` while training); group_size (tokens
+    per group for those modes; 0: a quarter of the sequence); sink (sf_attn: global first tokens, default 4).
     """
 
+    MODES = ("full", "sf_attn", "s2_attn")
+
     def __init__(self, model_cfg, layer_idx: int, rope_theta: float | None = None, rope_scaling: float = 1.0,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, mode: str = "full", group_size: int = 0, sink: int = 4):
         super().__init__()
+        if mode not in self.MODES:
+            raise ConfigError(f"model.mixers.attn.mode: {mode!r} is not allowed; expected one of {self.MODES}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0 or group_size % 2:
+            raise ConfigError(f"model.mixers.attn.group_size: {group_size!r}; expected 0 (a quarter of the "
+                              "sequence) or an even integer >= 2")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ConfigError(f"model.mixers.attn.sink: {sink!r}; expected an integer >= 0")
+        if isinstance(rope_scaling, bool) or not isinstance(rope_scaling, (int, float)) or rope_scaling <= 0:
+            raise ConfigError(f"model.mixers.attn.rope_scaling: {rope_scaling!r}; expected a positive number")
+        if mode != "full" and model_cfg.n_heads % 2:
+            raise ConfigError(f"model.mixers.attn.mode: {mode!r} splits heads in two halves; model.n_heads="
+                              f"{model_cfg.n_heads} is odd")
+        self.mode, self.group_size, self.sink = mode, group_size, sink
+        self.plan = None  # MoA plan (set_plan)
         d = model_cfg.d_model
         self.layer_idx = layer_idx
         self.n_heads = model_cfg.n_heads
@@ -77,7 +108,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.o_proj._is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta, rope_scaling)
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta, float(rope_scaling))
+        if model_cfg.attn_plan:
+            from lctrain.moa.plan import load_plan
+            try:
+                self.set_plan(load_plan(model_cfg.attn_plan, n_heads=self.n_heads))
+            except ValueError as exc:
+                raise ConfigError(f"model.attn_plan: {exc}") from None
+
+    def set_plan(self, plan: dict | None) -> None:
+        """Use this layer's per-head rules from a MoA plan (None, or a plan without this layer: full attention)."""
+        self.plan = plan if plan is not None and str(self.layer_idx) in plan["layers"] else None
+
+    def _plan_spans(self, length: int, device) -> tuple[torch.Tensor, int]:
+        from lctrain.moa.plan import head_windows, plan_sink
+        return head_windows(self.plan, self.layer_idx, length).to(device), plan_sink(self.plan)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
@@ -86,14 +131,44 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         cos, sin = self.rope.cos_sin(ctx.position_ids)
         q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        probe = ctx.extras.get("attn_probe")
+        sparse_training = self.training and self.mode != "full"
+        if ctx.sp is not None and (self.plan is not None or sparse_training):
+            raise ConfigError("model.mixers.attn: sf_attn/s2_attn modes and model.attn_plan do not run under "
+                              "sequence parallelism (parallel.sp > 1) yet; use sp=1")
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache)
+        elif probe is not None:
+            o = probed_attention(q, k, v, ctx.position_ids, self.scale, lambda a: probe(self.layer_idx, a))
         elif ctx.sp is not None:
             from lctrain.parallel import sp_attention
             o = sp_attention(q, k, v, ctx.sp, scale=self.scale)
+        elif sparse_training:
+            o = self._grouped(q, k, v, ctx)
+        elif self.plan is not None:
+            windows, sink = self._plan_spans(seqlen, q.device)
+            o = self._local(q, k, v, ctx, windows, sink)
         else:
             o = packed_attention(q, k, v, ctx.position_ids, self.scale, self.backend)
         return self.o_proj(o.reshape(batch, seqlen, -1))
+
+    def _local(self, q, k, v, ctx: BatchContext, window, sink) -> torch.Tensor:
+        """Sliding window + sink through the local_attention kernel (rows flattened when documents are packed)."""
+        if ctx.cu_seqlens is None:
+            return local_attention(q, k, v, window, sink, self.scale)
+        batch, seqlen = q.shape[:2]
+        flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+        o = local_attention(*flat, window, sink, self.scale, cu_seqlens=ctx.cu_seqlens)
+        return o.view(batch, seqlen, *o.shape[2:])
+
+    def _grouped(self, q, k, v, ctx: BatchContext) -> torch.Tensor:
+        """SF-Attn / S²-Attn over groups of `group_size` tokens (a quarter of the sequence when 0)."""
+        from lctrain.kernels.sf_attention import sf_attention
+        seqlen = q.shape[1]
+        group = self.group_size or max(2, seqlen // 8 * 2)
+        variant = "sf" if self.mode == "sf_attn" else "s2"
+        return sf_attention(q, k, v, group, sink=self.sink if variant == "sf" else 0, scale=self.scale,
+                            cu_seqlens=ctx.cu_seqlens, variant=variant)
 
     def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:
         """Incremental decoding (one document per row): append k/v to the cache and attend to all of it."""
@@ -106,7 +181,26 @@ class Attention(nn.Module):
         q_index = torch.arange(total - new, total, device=q.device)
         k_index = torch.arange(total, device=q.device)
         mask = (k_index[None, :] <= q_index[:, None])[None, None]
+        if self.plan is not None:  # MoA spans for the length reached so far; every key stays cached
+            windows, sink = self._plan_spans(total, q.device)
+            distance = q_index[:, None] - k_index[None, :]
+            mask = mask & ((distance[None] < windows[:, None, None]) | (k_index < sink)[None, None])[None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return out.transpose(1, 2)
+
+
+def probed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor, scale: float,
+                     probe) -> torch.Tensor:
+    """Dense attention with the probabilities materialised, `[B, H, T, T]`, and handed to `probe(probs)`, which
+    may keep them (MoA profiling reads their gradient) and returns the probabilities to use. O(T^2) memory: for
+    profiling only."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    docs = document_ids(position_ids)
+    index = torch.arange(q.shape[1], device=q.device)
+    mask = document_causal_mask(docs, docs, index, index)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    probs = probe(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1))
+    return torch.einsum("bhij,bjhd->bihd", probs, v)
