@@ -32,6 +32,14 @@ def _eval(argv: list[str]) -> int:
 SUBCOMMANDS["eval"] = _eval
 
 
+def _moa(argv: list[str]) -> int:
+    from lctrain.moa.command import moa_main  # profile / search of per-head attention spans
+    return moa_main(argv)
+
+
+SUBCOMMANDS["moa"] = _moa
+
+
 def find_recipe(name: str) -> Path:
     """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
     path = Path(name)

@@ -50,7 +50,13 @@ def follow_hf_config(model_cfg: ModelConfig, path: str | Path) -> dict:
     """Set `model_cfg`'s architecture keys from the checkpoint's config.json (in place); returns that config."""
     hf = hf_config.read_hf_config(path)
     hf_config.check_supported(hf, WHERE)
-    wanted = hf_config.model_keys_from_hf(hf)
+    adopt_model_keys(model_cfg, hf_config.model_keys_from_hf(hf), path)
+    return hf
+
+
+def adopt_model_keys(model_cfg: ModelConfig, wanted: dict, source) -> None:
+    """The recipe's model keys follow a checkpoint's where the recipe leaves the default; a recipe value that
+    contradicts the checkpoint is an error (the weights would not fit)."""
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(ModelConfig)}
     for key, value in wanted.items():
@@ -60,9 +66,8 @@ def follow_hf_config(model_cfg: ModelConfig, path: str | Path) -> dict:
         elif key == "vocab_size" and current > value:
             continue  # a larger embedding is allowed: rows past the checkpoint's vocabulary start fresh
         else:
-            raise ConfigError(f"model.{key}: the recipe says {current!r} but the checkpoint {path} has {value!r}; "
+            raise ConfigError(f"model.{key}: the recipe says {current!r} but the checkpoint {source} has {value!r}; "
                               f"remove model.{key} from the recipe (it follows the checkpoint)")
-    return hf
 
 
 def load_hf_weights(model, path: str | Path) -> None:

@@ -15,9 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; fp64 stays fp64
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -62,8 +62,8 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, D] rotated by its positions; computed in fp32, returned in x's dtype."""
-        xf = x.float()
+        """x [B, T, H, D] rotated by its positions; computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         half = xf.shape[-1] // 2
         rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
         return (xf * cos + rotated * sin).to(x.dtype)

@@ -73,6 +73,9 @@ class Trainer:
         if cfg.checkpoint.init_from.startswith("hf:"):
             from lctrain.export.hf_import import follow_hf_checkpoint
             follow_hf_checkpoint(cfg, cfg.checkpoint.init_from[3:])  # model shape (and tokenizer) from the checkpoint
+        elif cfg.checkpoint.init_from:
+            from lctrain.export.run_files import follow_run_checkpoint
+            follow_run_checkpoint(cfg, cfg.checkpoint.init_from)  # likewise from an lctrain run or checkpoint
 
         from lctrain.data import build_data  # imported late: datasets is slow to import
         self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main)
