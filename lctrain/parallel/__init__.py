@@ -33,6 +33,7 @@ Mixers (q, k, v are this rank's tokens `[B, T_local, H, D]`; `ctx.sp` is the pla
     o = sp_local_attention(q, k, v, window, sink, s, ctx.sp, backend=b)   # halo + sink fetch
     o = sp_landmark_attention(q, k, v, block_size, s, ctx.sp)              # AllGather K/V, global blocks
     y = sp_state_passing(step, x, ctx.sp, chunk_size, initial_state, prefix)  # rank to rank ("memory")
+    y = sp_memory_as_context(segment_fn, x, ctx.sp, segment_len, initial_state)  # Titans MAC, per segment
     y = sp_short_conv(conv, x, ctx.sp)                      # conv(x, position_ids, prefix=...) continues a prefix
 
 The linear ops take document boundaries from the placement (position id 0 starts a document; `cu_seqlens`
@@ -49,10 +50,12 @@ from lctrain.parallel.landmark_sp import sp_landmark_attention
 from lctrain.parallel.local_sp import document_offsets, sp_local_attention
 from lctrain.parallel.sharding import SPPlacement, gather_sequence, loss_normalizer, shard_batch
 from lctrain.parallel.state_passing import sp_state_passing
+from lctrain.parallel.titans_mac_sp import sp_memory_as_context
 
 __all__ = [
     "SPGroups", "SPPlacement", "comm_stats", "document_offsets", "drop_halo", "extend_with_halo", "gather_sequence", "init_sp_groups",
     "loss_normalizer", "shard_batch", "single_process_groups", "sp_attention", "sp_gated_delta_rule",
-    "sp_landmark_attention", "sp_linear_attention", "sp_local_attention", "sp_short_conv", "sp_short_conv_halo", "sp_state_passing",
+    "sp_landmark_attention", "sp_linear_attention", "sp_local_attention", "sp_memory_as_context", "sp_short_conv",
+    "sp_short_conv_halo", "sp_state_passing",
     "sp_taylor_linear_attention",
 ]

@@ -14,9 +14,11 @@ attention combine:
   * "mal" (memory as layer): the memory alone; combine with attention layers through `model.pattern`.
 Documents of a packed batch are processed one by one (each starts from the initial memory).
 
-Sequence parallelism (`ctx.sp`, variants "mal" and "mag"): the memory state is handed from rank to rank
+Sequence parallelism (`ctx.sp`, every variant): the memory state is handed from rank to rank
 (`lctrain.parallel.sp_state_passing`, exact wherever the shard boundaries fall) and MAG's windowed attention
 fetches its halo and uses the persistent tokens as a per-document prefix (`lctrain.parallel.sp_local_attention`).
+MAC hands on the memory at the last segment boundary with the straddling segment's earlier inputs, and the
+receiver replays that segment from there (`lctrain.parallel.sp_memory_as_context`); all variants are exact.
 
 Decoding (`ctx.cache`) keeps the layer's inputs so far and recomputes the layer on them, returning the new
 positions: exact, at O(T) cost per step.
@@ -168,11 +170,15 @@ class Titans(nn.Module):
 
     def _sequence_parallel(self, x: torch.Tensor, placement) -> torch.Tensor:
         """This rank's tokens `[B, T_local, D]` of a sharded batch: the memory state (with the inputs after its
-        last chunk boundary) is handed from rank to rank, so the result equals `_documents` on whole documents."""
-        from lctrain.parallel import document_offsets, sp_local_attention, sp_state_passing
+        last chunk boundary, or for MAC its last segment boundary) is handed from rank to rank, so the result
+        equals `_documents` on whole documents."""
+        from lctrain.parallel import document_offsets, sp_local_attention, sp_memory_as_context, sp_state_passing
         if self.variant == "mac":
-            raise ValueError("titans: sequence parallelism supports variants 'mal' and 'mag'; 'mac' attends within "
-                             "segments that read the memory at their start, use parallel.sp=1 for it")
+            # segments are the unit handed from rank to rank: the memory at the last segment boundary plus the
+            # straddling segment's earlier inputs (see `lctrain.parallel.titans_mac_sp`)
+            gated = sp_memory_as_context(self._mac_segment, x, placement, self.segment_len,
+                                         lambda like: self._initial_state(1, like))
+            return self.o_proj(gated.flatten(2))
         memory_out = sp_state_passing(self._memory, x, placement, self.chunk_size,
                                       lambda like: self._initial_state(1, like), prefix=self.persistent)
         memory_out = self.mem_norm(memory_out)
@@ -218,29 +224,33 @@ class Titans(nn.Module):
         return self.o_proj((self.attn_norm(attended) * torch.sigmoid(memory_out)).flatten(2))
 
     def _memory_as_context(self, x: torch.Tensor) -> torch.Tensor:
-        rows, length, _ = x.shape
-        prefix = self.persistent.shape[0]
-        state = self._initial_state(rows, x)
+        state = self._initial_state(x.shape[0], x)
         outputs = []
-        for start in range(0, length, self.segment_len):
-            segment = x[:, start:start + self.segment_len]
-            size = segment.shape[1]
-            read_q = F.normalize(F.silu(self._heads(self.mem_read_q(segment))), dim=-1)
-            readouts = self.readout_proj(self._read(state, read_q).flatten(2))  # [N, S, D]
-            tokens = torch.cat([self.persistent.to(x.dtype).expand(rows, -1, -1), readouts, segment], dim=1)
-            q, k, v = self._heads_qkv(self.attn_qkv(tokens))
-            # Positions: persistent tokens at 0, readout j and segment token j both at j + 1.
-            local = torch.arange(1, size + 1, device=x.device)
-            positions = torch.cat([local.new_zeros(prefix), local, local]).expand(rows, -1)
-            cos, sin = self.rope.cos_sin(positions)
-            q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
-            # Segment token i sees every persistent token, readouts j <= i and segment tokens j <= i.
-            causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
-            mask = torch.cat([causal.new_ones(size, prefix), causal, causal], dim=1)
-            attended = F.scaled_dot_product_attention(
-                q[:, -size:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                scale=self.scale).transpose(1, 2)
-            attended = self.attn_norm(attended)
-            memory_out, state = self._memory(self.attn_out(attended.flatten(2)), state)
-            outputs.append(attended * torch.sigmoid(self.mem_norm(memory_out)))
+        for start in range(0, x.shape[1], self.segment_len):
+            out, state = self._mac_segment(x[:, start:start + self.segment_len], state)
+            outputs.append(out)
         return self.o_proj(torch.cat(outputs, dim=1).flatten(2))
+
+    def _mac_segment(self, segment: torch.Tensor, state):
+        """One MAC segment x `[N, S, D]` (S <= segment_len, starting at a segment boundary) reading the memory
+        `state` as it stands at its start -> (gated attention output `[N, S, H, V]`, the state after it)."""
+        rows, size, _ = segment.shape
+        prefix = self.persistent.shape[0]
+        read_q = F.normalize(F.silu(self._heads(self.mem_read_q(segment))), dim=-1)
+        readouts = self.readout_proj(self._read(state, read_q).flatten(2))  # [N, S, D]
+        tokens = torch.cat([self.persistent.to(segment.dtype).expand(rows, -1, -1), readouts, segment], dim=1)
+        q, k, v = self._heads_qkv(self.attn_qkv(tokens))
+        # Positions: persistent tokens at 0, readout j and segment token j both at j + 1.
+        local = torch.arange(1, size + 1, device=segment.device)
+        positions = torch.cat([local.new_zeros(prefix), local, local]).expand(rows, -1)
+        cos, sin = self.rope.cos_sin(positions)
+        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        # Segment token i sees every persistent token, readouts j <= i and segment tokens j <= i.
+        causal = torch.ones(size, size, dtype=torch.bool, device=segment.device).tril()
+        mask = torch.cat([causal.new_ones(size, prefix), causal, causal], dim=1)
+        attended = F.scaled_dot_product_attention(
+            q[:, -size:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=self.scale).transpose(1, 2)
+        attended = self.attn_norm(attended)
+        memory_out, state = self._memory(self.attn_out(attended.flatten(2)), state)
+        return attended * torch.sigmoid(self.mem_norm(memory_out)), state
