@@ -49,6 +49,9 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path
 
     if dtype not in DTYPES:
         raise ConfigError(f"export --dtype: {dtype!r} is not allowed; expected one of {', '.join(DTYPES)}")
+    if model.cfg.attn_plan:
+        raise ConfigError(f"export: the model uses a MoA plan (model.attn_plan={model.cfg.attn_plan}); the Hugging "
+                          "Face modeling code has no per-head spans, so the export would silently be dense")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export: {out} exists and is not a directory")

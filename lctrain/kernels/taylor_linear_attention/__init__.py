@@ -38,7 +38,7 @@ def taylor_linear_attention(
         o_t  = sum_{s<=t} score_ts v_s  /  (sum_{s<=t} score_ts + eps)     (without the division if not normalize)
 
     Args:
-        q: queries `[B, T, H, D]` (feature dim D <= 32: the state has 1 + D + D^2 rows; D <= 16 on Triton).
+        q: queries `[B, T, H, D]` (feature dim D <= 32: the state has 1 + D + D^2 rows).
         k: keys `[B, T, H, D]`.
         v: values `[B, T, H, V]`.
         scale: inside the score; defaults to `D ** -0.5`, so x is BASED's q.k / sqrt(d).

@@ -15,10 +15,10 @@ from lctrain.kernels.taylor_linear_attention.common import MAX_FEATURE_DIM, stat
 from lctrain.kernels.taylor_linear_attention.triton_bwd import taylor_bwd_dkv_kernel, taylor_bwd_dq_kernel
 from lctrain.kernels.taylor_linear_attention.triton_fwd import taylor_fwd_kernel
 
-# D is padded to 16. Wider features (up to the op's 32) run on the torch path: with a 32-wide block the dk/dv
-# kernel keeps spilling a few bytes on sm_90 whatever the block sizes and warps, so it is not offered.
-MAX_TRITON_FEATURE_DIM = 16
-SUPPORTED_FEATURE_BLOCKS = (16,)
+# D is padded to 16 (D <= 16) or 32 (17 <= D <= 32, the op's whole range). The 32-wide block runs narrower value
+# tiles and more warps (see `launch_config`): with the D <= 16 tiles the dk/dv kernel spills on sm_90.
+MAX_TRITON_FEATURE_DIM = 32
+SUPPORTED_FEATURE_BLOCKS = (16, 32)
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
 
 
@@ -34,17 +34,25 @@ class LaunchConfig:
 
 
 def launch_config(feature_dim: int, kernel: str) -> LaunchConfig:
-    """Configuration of `kernel` (one of `KERNELS`) for feature dim D <= 16. Spill-free on sm_80/sm_90 in bf16
+    """Configuration of `kernel` (one of `KERNELS`) for feature dim D <= 32. Spill-free on sm_80/sm_90 in bf16
     and fp32 (checked by `python -m lctrain.kernels.aot`); the backward kernels hold more [BT, BT] tiles and use
-    shorter chunks."""
+    shorter chunks.
+
+    D <= 16 (BD=16): fwd BT=64, backward BT=32, BV=32, 4 warps.
+    17 <= D <= 32 (BD=32): BV=16 and 8 warps throughout; fwd BT=64, dq BT=32, dk/dv BT=16 (the dk/dv kernel
+    holds the most operands: with BT=32 or BV=32 it spills 8-40 bytes on sm_90, measured with the checker).
+    dq and dk/dv must share BV (their per-value-block partial buffers line up); their chunks may differ."""
     if not 1 <= feature_dim <= MAX_TRITON_FEATURE_DIM:
         raise ValueError(f"taylor_linear_attention: backend='triton' supports feature dim D <= "
                          f"{MAX_TRITON_FEATURE_DIM}, got D={feature_dim}; use backend='torch' (D <= {MAX_FEATURE_DIM})")
     if kernel not in KERNELS:
         raise ValueError(f"taylor_linear_attention: kernel={kernel!r} is not one of {KERNELS}")
     block_d = max(16, triton.next_power_of_2(feature_dim))
-    chunk = 64 if kernel == "fwd" else 32
-    return LaunchConfig(chunk=chunk, block_d=block_d, block_v=32, num_warps=4, num_stages=1)
+    if block_d == 16:
+        chunk = 64 if kernel == "fwd" else 32
+        return LaunchConfig(chunk=chunk, block_d=16, block_v=32, num_warps=4, num_stages=1)
+    chunk = {"fwd": 64, "bwd_dq": 32, "bwd_dkv": 16}[kernel]
+    return LaunchConfig(chunk=chunk, block_d=block_d, block_v=16, num_warps=8, num_stages=1)
 
 
 def _nan_like(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
