@@ -3,7 +3,7 @@ and sm_90 in bf16 and fp32 (no GPU needed): compiles, shared memory fits, no reg
 
 The checker cannot run under the interpreter this test session uses, so it runs in a subprocess with
 TRITON_INTERPRET unset and a private kernel cache (every kernel is really compiled). The default run compiles
-every Taylor configuration and the widest local-attention one (128-wide heads: the most registers); the
+every Taylor configuration (feature blocks 16 and 32) and the widest local-attention one (128-wide heads: the most registers); the
 sweep over every local-attention head width is marked slow.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
                 assert any(f"BD={cfg.block_d}," in label and f"BM={cfg.block_m},BN={cfg.block_n}" in label
                            and f"warps={cfg.num_warps}" in label for label in local_labels), (dim, kernel)
         taylor_labels = [spec.label for spec in triton_chunk.aot_specs(dtype)]
-        for dim in (1, 7, 16):
+        for dim in (1, 7, 16, 17, 24, 32):
             for kernel in ("fwd", "bwd_dq", "bwd_dkv"):
                 cfg = taylor_config(dim, kernel)
                 assert any(f"BT={cfg.chunk},BD={cfg.block_d},BV={cfg.block_v},warps={cfg.num_warps}" in label
@@ -95,6 +95,9 @@ def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
 
 def test_taylor_kernels_compile_without_spills():
     results = _compile(TAYLOR, {})
+    # 3 kernels x both feature blocks (D <= 16 and 17 <= D <= 32), each for bf16/fp32 on sm_80/sm_90.
+    assert len(results) == 3 * 2 * len(aot.DEFAULT_DTYPES) * len(aot.DEFAULT_ARCHS)
+    assert {block for block in (16, 32) if any(f"BD={block}," in r["label"] for r in results)} == {16, 32}
     _assert_all_ok(results, {"taylor_fwd_kernel", "taylor_bwd_dq_kernel", "taylor_bwd_dkv_kernel"})
 
 

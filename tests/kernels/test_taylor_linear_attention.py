@@ -13,6 +13,11 @@ CASES = [
     (1, 100, 1, 16, 16, False, True, [1, 15, 40, 44]),
     (2, 1, 2, 3, 4, True, False, None),
     (1, 70, 2, 16, 8, True, False, [37, 0, 33]),
+    # 17 <= D <= 32 runs the 32-wide Triton block (other chunks and value tiles); V + 1 > 16 spans two value
+    # blocks, so the summed dq/dk partials are exercised too.
+    (1, 45, 1, 24, 5, True, True, [20, 0, 25]),
+    (1, 41, 1, 32, 17, True, False, [23, 18]),
+    (2, 19, 1, 32, 4, False, True, None),
 ]
 
 
@@ -134,8 +139,10 @@ def test_bad_input_raises_a_clear_value_error(overrides, message):
 
 
 def test_triton_rejects_what_its_kernels_cannot_run():
-    wide = dict(q=torch.randn(1, 8, 2, 24), k=torch.randn(1, 8, 2, 24))
-    with pytest.raises(ValueError, match="D <= 16"):
-        taylor_linear_attention(**_good(**wide), backend="triton")
+    from lctrain.kernels.taylor_linear_attention.triton_chunk import MAX_TRITON_FEATURE_DIM, launch_config
+
+    assert MAX_TRITON_FEATURE_DIM == 32  # the op's whole feature range
+    with pytest.raises(ValueError, match="D <= 32"):
+        launch_config(33, "fwd")
     with pytest.raises(ValueError, match="float64"):
         taylor_linear_attention(**{n: t.double() for n, t in _good().items()}, backend="triton")
