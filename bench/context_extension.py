@@ -74,7 +74,7 @@ def main() -> None:
             run([py, "-m", "lctrain", "recipes/sinklora.yaml", f"run.dir={run_dir}", f"checkpoint.init_from={base}",
                  f"model.mixers.attn.mode={mode}", f"train.steps={args.steps}", mixture, "logging.progress=none"],
                 env)
-    data = held_out_text(runs / "held_out.jsonl", 30)
+    data = held_out_text(runs / "held_out.jsonl", 10)
     lengths = [256, 512, 1024]
     spec = ",".join(map(str, lengths))
     evals = runs / "evals"

@@ -97,7 +97,7 @@ def main() -> None:
          "--out", str(work / "plan.json")], env)
     plan = load_plan(work / "plan.json")
     lengths = [256, 512, 1024]
-    data = held_out_text(work / "held_out.jsonl", 30)
+    data = held_out_text(work / "held_out.jsonl", 10)
     evals = work / "evals"
     evals.mkdir(exist_ok=True)
     spec = ",".join(map(str, lengths))

@@ -58,6 +58,10 @@ def test_moa_profile_search_and_evaluate(cache_dir, base_run, tmp_path):
     lctrain(cache_dir, "eval", base_run, "--task", "ppl", "--lengths", "64,128", "--attn-plan", plan,
             "--no-progress", "--out", out)
     assert json.loads(out.read_text())["attn_plan"] == str(plan)
+    out = tmp_path / "passkey.json"  # H2O-bounded decoding
+    lctrain(cache_dir, "eval", base_run, "--task", "passkey", "--lengths", "96", "--trials", "2", "--kv-budget", "24",
+            "--no-progress", "--out", out)
+    assert json.loads(out.read_text())["kv_budget"] == 24
     # a plan trains too
     run_lctrain(cache_dir, tmp_path / "planned", *BASE, f"model.attn_plan={plan}", "train.steps=1")
 
@@ -69,6 +73,7 @@ def test_moa_profile_search_and_evaluate(cache_dir, base_run, tmp_path):
     (["moa", "profile", "nowhere", "--lengths", "x", "--out", "p.pt"], "--lengths"),
     (["eval", "nowhere", "--task", "ppl", "--attn-plan", "p.json"], "nowhere does not exist"),
     (["recipes/tiny.yaml", "model.attn_plan=nowhere.json"], "model.attn_plan: file not found"),
+    (["eval", "nowhere", "--task", "passkey", "--kv-recent", "4"], "--kv-recent: needs --kv-budget"),
     (["recipes/tiny.yaml", "lora.enabled=true"], "lora.enabled: LoRA fine-tunes a trained model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path, args, message):

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--heatmap", help="niah: PNG path (default: beside --out, else niah.png in the run's eval/)")
     p.add_argument("--attn-plan", help="MoA plan JSON (`lctrain moa search`) applied to the attention layers")
+    p.add_argument("--kv-budget", type=_positive, help="decoding tasks: H2O cache of this many entries per kv head")
+    p.add_argument("--kv-recent", type=int, help="H2O: newest entries always kept (default: half the budget)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write the run's TensorBoard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -162,15 +164,24 @@ def eval_main(argv: list[str]) -> int:
     from lctrain.eval.target import load_target
 
     args = build_parser().parse_args(argv)
+    if args.kv_recent is not None and args.kv_budget is None:
+        raise ConfigError("eval --kv-recent: needs --kv-budget")
     torch.manual_seed(args.seed)
     started = time.time()
     target = load_target(args.path, _device(args.device))
     if args.attn_plan:
         from lctrain.moa.apply import set_attn_plan
         set_attn_plan(target.model, args.attn_plan)
+    if args.kv_budget is not None or args.kv_recent is not None:
+        from lctrain.eval.h2o import set_kv_budget
+        try:
+            set_kv_budget(target.model, args.kv_budget, args.kv_recent)
+        except ValueError as exc:
+            raise ConfigError(f"eval --kv-budget: {exc}") from None
     rows, columns, scalars, settings = run_task(target, args)
     print(format_table(rows, columns), flush=True)
-    payload = {"task": args.task, "path": str(args.path), "attn_plan": args.attn_plan, "step": target.step,
+    payload = {"task": args.task, "path": str(args.path), "attn_plan": args.attn_plan,
+               "kv_budget": args.kv_budget, "step": target.step,
                "seed": args.seed,
                "device": str(next(target.model.parameters()).device), "settings": settings, "results": rows,
                "seconds": round(time.time() - started, 2)}

@@ -96,6 +96,7 @@ class Attention(nn.Module):
                               f"{model_cfg.n_heads} is odd")
         self.mode, self.group_size, self.sink = mode, group_size, sink
         self.plan = None  # MoA plan (set_plan)
+        self.kv_budget = None  # (budget, recent): H2O cache eviction while decoding (lctrain.eval.h2o)
         d = model_cfg.d_model
         self.layer_idx = layer_idx
         self.n_heads = model_cfg.n_heads
@@ -171,8 +172,14 @@ class Attention(nn.Module):
                             cu_seqlens=ctx.cu_seqlens, variant=variant)
 
     def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:
-        """Incremental decoding (one document per row): append k/v to the cache and attend to all of it."""
+        """Incremental decoding (one document per row): append k/v to the cache and attend to all of it (or to
+        what H2O keeps, with a budget)."""
         entry = cache.setdefault(self.layer_idx, {})
+        if self.kv_budget is not None:
+            if self.plan is not None:
+                raise ConfigError("attn: a KV budget (H2O) and a MoA plan cannot be combined")
+            from lctrain.eval.h2o import h2o_attend
+            return h2o_attend(q, k, v, entry, *self.kv_budget, self.scale)
         if "k" in entry:
             k = torch.cat([entry["k"], k], dim=1)
             v = torch.cat([entry["v"], v], dim=1)
