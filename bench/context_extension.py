@@ -52,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "context_extension"))
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--base-steps", type=int, default=300)
+    p.add_argument("--base-steps", type=int, help="training steps of the base (default: the recipe's)")
     p.add_argument("--steps", type=int, default=60, help="fine-tuning steps per method")
     p.add_argument("--trials", type=int, default=20, help="passkey prompts per length")
     args = p.parse_args()
@@ -64,8 +64,8 @@ def main() -> None:
     py = sys.executable
     base = runs / "base"
     if not has_checkpoint(base):
-        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", f"train.steps={args.base_steps}",
-             "logging.progress=none"], env)
+        steps = [f"train.steps={args.base_steps}"] if args.base_steps else []
+        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
     mixture = "data.sources=[{type: stdlib, weight: 0.7}, {type: passkey, weight: 0.3, num_examples: 2000}]"
     arms = {"S2-Attn + LoRA (LongLoRA)": ("s2", "s2_attn"), "SF-Attn + LoRA (SinkLoRA)": ("sf", "sf_attn")}
     for _, (name, mode) in arms.items():

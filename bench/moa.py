@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "context_extension"),
                    help="holds the base run (shared with context_extension.py) and this study's files")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--base-steps", type=int, default=300)
+    p.add_argument("--base-steps", type=int, help="training steps of the base (default: the recipe's)")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--docs", type=int, default=8, help="calibration windows per profiled length")
     p.add_argument("--trials", type=int, default=20, help="passkey prompts per length")
@@ -87,8 +87,8 @@ def main() -> None:
     py = sys.executable
     base = runs / "base"
     if not has_checkpoint(base):
-        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", f"train.steps={args.base_steps}",
-             "logging.progress=none"], env)
+        steps = [f"train.steps={args.base_steps}"] if args.base_steps else []
+        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
     sink = 16
     run([py, "-m", "lctrain", "moa", "profile", str(base), "--lengths", "256,512", "--docs", str(args.docs),
          "--sink", str(sink), "--alphas", "0,16,32,64,128", "--betas", "0,0.125,0.25,0.5,1", "--response", "32",

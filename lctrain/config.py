@@ -68,6 +68,7 @@ class SourceConfig:
     length: int = 0  # tokens per document; 0: data.seq_len - 2, so that [BOS] doc [EOS] fills one window
     num_kv_pairs: int = 8  # mqar: key-value pairs per document (all of them are queried)
     task_vocab: int = 256  # mqar: token ids used, keys from the first half, values from the second
+    answer_only: bool = False  # passkey: loss on the answer tokens only (mqar always trains on its answers only)
 
 
 @dataclass

@@ -191,6 +191,8 @@ class SyntheticSource:
                      "length": c.length}
         if c.type == "mqar":
             described.update(num_kv_pairs=c.num_kv_pairs, task_vocab=c.task_vocab)
+        elif c.answer_only:
+            described["answer_only"] = True  # a different loss mask: a different cache entry
         return described
 
     def fingerprint(self) -> str:
@@ -245,8 +247,8 @@ class SyntheticSource:
 
     def _generate(self, tokenizer, count: int, length: int,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-        """int64 `[count, length]` documents and, for MQAR, their bool `[count, length]` answer targets (passkey
-        documents train on every token: None)."""
+        """int64 `[count, length]` documents and, for MQAR (and passkey with `answer_only`), their bool
+        `[count, length]` answer targets (otherwise passkey documents train on every token: None)."""
         if self.config.type == "mqar":
             base = task_id_base(tokenizer)
             top = base + self.config.task_vocab
@@ -259,5 +261,10 @@ class SyntheticSource:
         prompts = PasskeyPrompts(tokenizer)
         keys = random_digits(rng, count)
         depths = rng.random(count)
-        return np.array([prompts.document(key, length, depth) for key, depth in zip(keys, depths)],
-                        dtype=np.int64), None
+        tokens = np.array([prompts.document(key, length, depth) for key, depth in zip(keys, depths)], dtype=np.int64)
+        if not self.config.answer_only:
+            return tokens, None
+        targets = np.zeros(tokens.shape, dtype=bool)  # the answer closes each document
+        for row, key in enumerate(keys):
+            targets[row, length - len(prompts.answer_ids(key)):] = True
+        return tokens, targets

@@ -157,3 +157,22 @@ def test_mqar_batches_train_only_on_the_answers(tmp_path):
                     assert np.array_equal(inner, ids[lo + 1:hi])
                     text_targets += len(inner)
     assert mqar_rows >= 8 and text_targets > 100
+
+
+def test_passkey_answer_only_trains_on_the_answer(tmp_path):
+    from lctrain.data import build_data
+
+    overrides = ["data.sources=[{type: passkey, num_examples: 20, answer_only: true}]", "data.seq_len=128",
+                 "data.vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch_size=2"]
+    data = build_data(load_config(None, overrides), progress=False)
+    split = data.tokens[0].train
+    tok = data.tokenizer
+    batch = next(data.train)
+    for row in range(2):
+        targets = batch["labels"][row][batch["labels"][row] != -100]
+        text = tok.decode(targets.tolist())
+        assert text.strip().rstrip(".").isdigit() and len(text.strip()) == 6  # " 12345." and nothing else
+    full = build_data(load_config(None, [o.replace(", answer_only: true", "") for o in overrides]), progress=False)
+    assert (next(full.train)["labels"] != -100).sum() > 200  # without the option every token trains
+    first = split.tokens[split.offsets[0]:split.offsets[1]][split.target_mask[split.offsets[0]:split.offsets[1]]]
+    assert tok.decode(first.tolist()).strip().rstrip(".").isdigit()  # document 0's targets: its answer only
