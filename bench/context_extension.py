@@ -66,7 +66,8 @@ def main() -> None:
     if not has_checkpoint(base):
         steps = [f"train.steps={args.base_steps}"] if args.base_steps else []
         run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
-    mixture = "data.sources=[{type: stdlib, weight: 0.7}, {type: passkey, weight: 0.3, num_examples: 2000}]"
+    mixture = ("data.sources=[{type: stdlib, weight: 0.5}, {type: passkey, weight: 0.5, num_examples: 2000, "
+               "answer_only: true}]")  # the base's mixture at the new length
     arms = {"S2-Attn + LoRA (LongLoRA)": ("s2", "s2_attn"), "SF-Attn + LoRA (SinkLoRA)": ("sf", "sf_attn")}
     for _, (name, mode) in arms.items():
         run_dir = runs / name

@@ -7,7 +7,9 @@ window + sink (StreamingLLM-style) of the same average density.
 Steps, all through lctrain's command line:
   1. base: `python -m lctrain recipes/moa.yaml` (reused when the run directory already has a checkpoint; the
      context-extension study trains the same base);
-  2. `moa profile` at 256 and 512 tokens on the run's held-out documents, `moa search --density 0.5`;
+  2. `moa profile` at 256 and 512 tokens on the run's held-out documents over the rules alpha in {16, 32, 64, 128}
+     x beta in {0, 1/8, 1/4, 1/2, 1} (every head keeps at least 16 recent + 16 sink tokens), `moa search
+     --density 0.5`;
   3. a uniform plan per evaluation length N: one window for every head, with the MoA plan's sink, whose density
      at N is the MoA plan's mean density at N;
   4. `eval --task ppl` (held-out standard-library files) and `--task passkey` at 256/512/1024 for dense, uniform and
@@ -91,7 +93,7 @@ def main() -> None:
         run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
     sink = 16
     run([py, "-m", "lctrain", "moa", "profile", str(base), "--lengths", "256,512", "--docs", str(args.docs),
-         "--sink", str(sink), "--alphas", "0,16,32,64,128", "--betas", "0,0.125,0.25,0.5,1", "--response", "32",
+         "--sink", str(sink), "--alphas", "16,32,64,128", "--betas", "0,0.125,0.25,0.5,1", "--response", "32",
          "--no-progress", "--out", str(work / "profile.pt")], env)
     run([py, "-m", "lctrain", "moa", "search", str(work / "profile.pt"), "--density", str(args.density),
          "--out", str(work / "plan.json")], env)

@@ -1,6 +1,6 @@
 """Recall study: MQAR accuracy vs number of key-value pairs for pure GDN, GDN:attention hybrids and attention.
 
-    python bench/recall.py --quick      # CPU, minutes per model: T = 64, up to 12 pairs, 500 steps of 16
+    python bench/recall.py --quick      # CPU, minutes per model: T = 64, up to 12 pairs, 2000 steps of 32
     python bench/recall.py              # longer training, T = 128, up to 24 pairs (CPU: hours; minutes on a GPU)
 
 Every model trains with `recipes/mqar_hybrid.yaml` at the same width (only `model.pattern`, and for 6:1 the depth,
@@ -50,20 +50,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short training and a small grid (CPU minutes)")
     parser.add_argument("--steps", type=int, help="training steps per model")
+    parser.add_argument("--gdn-key-dim", type=int, default=0, help="GDN head key dim (0: the recipe's 8)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: 1e-2 quick, the recipe's otherwise)")
     parser.add_argument("--depth", type=int, default=0, help="layers for every model (0: 4, and 7 for 6:1)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the labels")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "recall"))
     args = parser.parse_args()
-    steps = args.steps or (500 if args.quick else 4000)
+    steps = args.steps or (2000 if args.quick else 4000)
+    lr = args.lr or (1e-2 if args.quick else None)
     # Quick: 16 keys and 16 values, small enough for a tiny model to learn the embeddings in minutes.
     seq_len, max_pairs, task_vocab = (64, 12, 32) if args.quick else (128, 24, 64)
     eval_pairs = [2, 4, 8, 12] if args.quick else [4, 8, 12, 16, 24]
-    common = [f"train.steps={steps}", f"train.micro_batch_size={16 if args.quick else 32}",
+    common = [f"train.steps={steps}", "train.micro_batch_size=32", *([f"train.lr={lr}"] if lr else []),
               f"train.warmup_steps={max(steps // 20, 1)}", f"data.seq_len={seq_len}",
               _mqar_sources(max_pairs, task_vocab),
               "train.eval_interval=0", "checkpoint.interval=0", "logging.progress=none", "logging.tensorboard=false",
-              "checkpoint.resume=false"]
+              "checkpoint.resume=false",
+              *([f"model.mixers.gdn.head_k_dim={args.gdn_key_dim}"] if args.gdn_key_dim else [])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     chosen = [label.strip() for label in args.models.split(",")]
     rows = []
@@ -89,10 +93,12 @@ def main() -> None:
         print(f"{label:16s} " + " ".join(f"{a:<9.3f}" for a in accs))
     device = "gpu" if _has_cuda() else "cpu"
     payload = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)",
-               "device": device, "date": time.strftime("%Y-%m-%d"), "steps": steps, "seq_len": seq_len,
+               "device": device, "date": time.strftime("%Y-%m-%d"), "steps": steps, "lr": lr,
+               "gdn_key_dim": args.gdn_key_dim or 8, "seq_len": seq_len,
                "train_kv_pairs": f"2..{max_pairs}", "task_vocab": task_vocab, "chance": 2 / task_vocab,
                "command": " ".join(["python", "bench/recall.py", *sys.argv[1:]]), "rows": rows}
-    path = Path(args.out_dir) / f"recall_{device}{'_quick' if args.quick else ''}.json"
+    suffix = ("_quick" if args.quick else "") + (f"_kd{args.gdn_key_dim}" if args.gdn_key_dim else "")
+    path = Path(args.out_dir) / f"recall_{device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
