@@ -23,29 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, run, table  # noqa: E402
-
-
-def plot(results: dict, lengths: list[int], base_len: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, r in results.items():
-        a.plot(lengths, [r["ppl"][n] for n in lengths], marker="o", label=label)
-        b.plot(lengths, [r["passkey"][n] for n in lengths], marker="o", label=label)
-    for ax, title in ((a, "perplexity (held-out code)"), (b, "passkey accuracy")):
-        ax.axvline(base_len, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(title)
-    a.set_yscale("log")
-    b.set_ylim(-0.05, 1.05)
-    a.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, plot, run, table  # noqa: E402
 
 
 def main() -> None:
@@ -89,7 +67,7 @@ def main() -> None:
                "base_steps": args.base_steps, "finetune_steps": args.steps, "passkey_trials": args.trials,
                "results": results, "seconds": round(time.time() - started)}
     (out_dir / f"context_extension_{kind}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, lengths, 256, out_dir / f"context_extension_{kind}.png")
+    plot(results, lengths, out_dir / f"context_extension_{kind}.png", train_len=256)
     print(f"wrote {out_dir / f'context_extension_{kind}.json'} and .png")
 
 

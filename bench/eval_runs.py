@@ -54,3 +54,28 @@ def table(results: dict, lengths: list[int]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot(results: dict, lengths: list[int], path: Path, train_len: int | None = None) -> None:
+    """Perplexity and passkey accuracy against context length, one line per model (a dotted line at the
+    training length when given)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, r in results.items():
+        a.plot(lengths, [r["ppl"][n] for n in lengths], marker="o", label=label)
+        b.plot(lengths, [r["passkey"][n] for n in lengths], marker="o", label=label)
+    for ax, title in ((a, "perplexity (held-out code)"), (b, "passkey accuracy")):
+        if train_len:
+            ax.axvline(train_len, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+    a.set_yscale("log")
+    b.set_ylim(-0.05, 1.05)
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

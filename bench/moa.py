@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, run, table  # noqa: E402
+from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, plot, run, table  # noqa: E402
 
 
 def plan_density(plan: dict, length: int) -> float:
@@ -44,27 +44,6 @@ def uniform_window(target: float, sink: int, length: int) -> int:
     """The window whose density (with `sink`) at `length` is closest to `target`."""
     from lctrain.moa.rules import density
     return min(range(1, length + 1), key=lambda w: abs(density(w, sink, length) - target))
-
-
-def plot(results: dict, lengths: list[int], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, r in results.items():
-        a.plot(lengths, [r["ppl"][n] for n in lengths], marker="o", label=label)
-        b.plot(lengths, [r["passkey"][n] for n in lengths], marker="o", label=label)
-    for ax, title in ((a, "perplexity (held-out code)"), (b, "passkey accuracy")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(title)
-    a.set_yscale("log")
-    b.set_ylim(-0.05, 1.05)
-    a.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -126,7 +105,7 @@ def main() -> None:
                "plan_summary": plan.get("summary"), "passkey_trials": args.trials, "results": results,
                "seconds": round(time.time() - started)}
     (out_dir / f"moa_{kind}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, lengths, out_dir / f"moa_{kind}.png")
+    plot(results, lengths, out_dir / f"moa_{kind}.png", train_len=256)
     print(f"wrote {out_dir / f'moa_{kind}.json'} and .png")
 
 

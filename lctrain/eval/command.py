@@ -8,65 +8,38 @@ import sys
 import time
 from pathlib import Path
 
+from lctrain.cli_args import OneLineParser, float_list, int_list, positive_int
 from lctrain.config import ConfigError
 
 TASKS = ("ppl", "passkey", "niah", "mqar")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage and exits; we want one line and exit code 2
-        raise ConfigError(f"eval: {message}")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 512,2048")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+def _depths(text: str) -> list[float]:
+    values = float_list(text)
+    if any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: expected depths in [0, 1], e.g. 0,0.5,1")
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a positive integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lctrain eval", description="Evaluate a run, checkpoint or export.")
+    p = OneLineParser(prog="eval", description="Evaluate a run, checkpoint or export.")
     p.add_argument("path", help="run directory, checkpoint directory or export directory")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", help="ppl: .txt or .jsonl file to score (default: the run's held-out split); "
                                   "niah: haystack text")
-    p.add_argument("--lengths", type=_int_list, help="context lengths, comma-separated (default: training length)")
-    p.add_argument("--stride", type=_positive, help="ppl: sliding-window stride (default: length / 2)")
-    p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="niah: needle depths")
-    p.add_argument("--trials", type=_positive, help="passkey/niah/mqar: prompts per setting (20 / 4 / 256)")
-    p.add_argument("--kv-pairs", type=_int_list, default=[4, 8, 16], help="mqar: key-value pairs per sequence")
-    p.add_argument("--task-vocab", type=_positive, help="mqar: task ids (default: the run's mqar source, else 256)")
+    p.add_argument("--lengths", type=int_list, help="context lengths, comma-separated (default: training length)")
+    p.add_argument("--stride", type=positive_int, help="ppl: sliding-window stride (default: length / 2)")
+    p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="niah: needle depths")
+    p.add_argument("--trials", type=positive_int, help="passkey/niah/mqar: prompts per setting (20 / 4 / 256)")
+    p.add_argument("--kv-pairs", type=int_list, default=[4, 8, 16], help="mqar: key-value pairs per sequence")
+    p.add_argument("--task-vocab", type=positive_int, help="mqar: task ids (default: the run's mqar source, else 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive, default=8)
-    p.add_argument("--max-length", type=_positive, help="raise the cap on lengths (default: 16 x training length)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, help="raise the cap on lengths (default: 16 x training length)")
     p.add_argument("--out", help="write results as JSON here")
     p.add_argument("--heatmap", help="niah: PNG path (default: beside --out, else niah.png in the run's eval/)")
     p.add_argument("--attn-plan", help="MoA plan JSON (`lctrain moa search`) applied to the attention layers")
-    p.add_argument("--kv-budget", type=_positive, help="decoding tasks: H2O cache of this many entries per kv head")
+    p.add_argument("--kv-budget", type=positive_int, help="decoding tasks: H2O cache of this many entries per kv head")
     p.add_argument("--kv-recent", type=int, help="H2O: newest entries always kept (default: half the budget)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write the run's TensorBoard")

@@ -28,6 +28,32 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor, op: str = "op")
     return backend
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_qkv(q, k, v, op: str) -> None:
+    """Softmax-attention inputs: q `[B, T, H, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` with Hkv dividing H, one
+    float dtype. Raises a one-line ValueError naming the bad argument."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{op}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} dtype {x.dtype} is not one of {FLOAT_DTYPES}")
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != head_dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{op}: k shape {tuple(k.shape)} must be [B, T, Hkv, D] = [{batch}, {length}, Hkv, "
+                         f"{head_dim}] with Hkv dividing H={heads}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{op}: v shape {tuple(v.shape)} must be [B, T, Hkv, Dv] = "
+                         f"[{batch}, {length}, {kv_heads}, Dv]")
+    if head_dim == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{op}: head dims must be >= 1, got D={head_dim}, Dv={v.shape[-1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op: str) -> int:
     """Validate packed-document offsets; return the number of sequences N."""
     if cu_seqlens is None:

@@ -6,56 +6,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lctrain.cli_args import OneLineParser, fraction, positive_int, positive_number
 from lctrain.config import ConfigError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2 through ConfigError instead of usage + exit
-        raise ConfigError(f"{self.prog}: {message}")
-
-
-def _density(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not allowed; expected a density in (0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a positive integer")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not allowed; expected seconds > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lctrain moa", description="MoA: elastic per-head sparse attention spans.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="moa", description="MoA: elastic per-head sparse attention spans.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("profile", help="profile every rule on every attention head (options: moa profile --help)",
                    add_help=False)
     s = sub.add_parser("search", help="choose one rule per head under a density budget (MILP)")
     s.add_argument("profile", help="profile file written by `moa profile`")
-    s.add_argument("--density", type=_density, required=True,
+    s.add_argument("--density", type=fraction, required=True,
                    help="mean attention density budget in (0, 1] met at every profiled length")
     s.add_argument("--out", required=True, help="plan JSON to write")
-    s.add_argument("--max-rules-per-layer", type=_positive, default=2, help="distinct rules per layer (default 2)")
-    s.add_argument("--time-limit", type=_seconds, default=600.0, help="solver time limit in seconds (default 600)")
+    s.add_argument("--max-rules-per-layer", type=positive_int, default=2, help="distinct rules per layer (default 2)")
+    s.add_argument("--time-limit", type=positive_number, default=600.0, help="solver time limit in seconds (default 600)")
     return p
 
 

@@ -12,7 +12,6 @@ A rule's loss for a head is the sum of E over the causal entries the rule drops,
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -123,41 +122,21 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="moa profile", disable=not enabled, dynamic_ncols=True)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 2")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, like every lctrain command
-        raise ConfigError(f"moa profile: {message}")
-
-
 def profile_main(argv: list[str]) -> int:
     from lctrain.eval.command import _device, held_out_stream
     from lctrain.eval.target import load_target
     from lctrain.moa.rules import DEFAULT_ALPHAS, DEFAULT_BETAS, parse_grid
 
-    p = _Parser(prog="lctrain moa profile", description="Per-head loss of each elastic attention rule.")
+    from lctrain.cli_args import OneLineParser, float_list, int_list
+
+    p = OneLineParser(prog="moa profile", description="Per-head loss of each elastic attention rule.")
     p.add_argument("path", help="run directory, checkpoint directory or export")
-    p.add_argument("--lengths", type=_int_list, required=True, help="input lengths N, comma-separated")
+    p.add_argument("--lengths", type=int_list, required=True, help="input lengths N, comma-separated")
     p.add_argument("--out", required=True, help="profile file to write (torch .pt)")
     p.add_argument("--docs", type=int, default=8, help="calibration windows per length")
     p.add_argument("--response", type=int, help="tokens the model continues and is scored on (default N/8)")
-    p.add_argument("--alphas", type=_float_list, default=list(DEFAULT_ALPHAS), help="rule grid: alpha values")
-    p.add_argument("--betas", type=_float_list, default=list(DEFAULT_BETAS), help="rule grid: beta values")
+    p.add_argument("--alphas", type=float_list, default=list(DEFAULT_ALPHAS), help="rule grid: alpha values")
+    p.add_argument("--betas", type=float_list, default=list(DEFAULT_BETAS), help="rule grid: beta values")
     p.add_argument("--sink", type=int, default=64, help="initial tokens every head keeps")
     p.add_argument("--data", help=".txt or .jsonl calibration file (default: the run's held-out split)")
     p.add_argument("--device", default="auto")

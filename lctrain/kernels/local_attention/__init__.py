@@ -11,12 +11,11 @@ import torch
 
 from lctrain.kernels.local_attention.chunk import chunk_local_attention
 from lctrain.kernels.local_attention.naive import naive_local_attention
-from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import check_attention_qkv, check_cu_seqlens, resolve_backend
 
 __all__ = ["local_attention", "naive_local_attention", "chunk_local_attention"]
 
 _OP = "local_attention"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -81,24 +80,8 @@ def _validate_span(name: str, span, heads: int, minimum: int) -> None:
 
 def _validate(q, k, v, window, sink, scale, cu_seqlens) -> None:
     """Raise a ValueError naming the bad argument."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[-1] != head_dim or kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must be [B, T, Hkv, D] = [{batch}, {length}, Hkv, "
-                         f"{head_dim}] with Hkv dividing H={heads}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{_OP}: v shape {tuple(v.shape)} must be [B, T, Hkv, Dv] = "
-                         f"[{batch}, {length}, {kv_heads}, Dv]")
-    if head_dim == 0 or v.shape[-1] == 0:
-        raise ValueError(f"{_OP}: head dims must be >= 1, got D={head_dim}, Dv={v.shape[-1]}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{_OP}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_qkv(q, k, v, _OP)
+    batch, length, heads, _ = q.shape
     _validate_span("window", window, heads, 1)
     _validate_span("sink", sink, heads, 0)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):

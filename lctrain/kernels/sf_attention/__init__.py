@@ -27,13 +27,12 @@ import torch
 from lctrain.kernels.local_attention import local_attention
 from lctrain.kernels.sf_attention.naive import kv_head_index, naive_sf_attention
 from lctrain.kernels.sf_attention.segments import SegmentPlan, reassemble, segment, segment_plan
-from lctrain.kernels.utils import resolve_backend
+from lctrain.kernels.utils import check_attention_qkv, resolve_backend
 
 __all__ = ["sf_attention", "naive_sf_attention", "SegmentPlan", "segment_plan", "segment", "reassemble",
            "kv_head_index"]
 
 _OP = "sf_attention"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 VARIANTS = ("sf", "s2")
 
 
@@ -102,31 +101,10 @@ def sf_attention(
 
 def _validate(q, k, v, group_size, sink, scale, cu_seqlens, variant) -> None:
     """Raise a one-line ValueError naming the bad argument, its value and what is allowed."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    if k.shape[:2] != q.shape[:2] or k.shape[-1] != head_dim or kv_heads == 0:
-        raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must be [B, T, Hkv, D] = [{batch}, {length}, Hkv, "
-                         f"{head_dim}] with Hkv >= 1")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{_OP}: v shape {tuple(v.shape)} must be [B, T, Hkv, Dv] = "
-                         f"[{batch}, {length}, {kv_heads}, Dv]")
-    if head_dim == 0 or v.shape[-1] == 0:
-        raise ValueError(f"{_OP}: head dims must be >= 1, got D={head_dim}, Dv={v.shape[-1]}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{_OP}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_qkv(q, k, v, _OP)
+    batch, length, heads, _ = q.shape
     if heads % 2:
         raise ValueError(f"{_OP}: H={heads} query heads must be even (half the heads are shifted)")
-    if kv_heads % 2 == 0:
-        if heads % kv_heads:
-            raise ValueError(f"{_OP}: Hkv={kv_heads} kv heads must divide H={heads}")
-    elif heads % kv_heads:
-        raise ValueError(f"{_OP}: Hkv={kv_heads} kv heads must divide H={heads}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
         raise ValueError(f"{_OP}: group_size={group_size!r} must be an even int >= 2 (shifted heads move by "
                          f"group_size / 2)")
