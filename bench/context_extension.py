@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, plot, run, table  # noqa: E402
+from eval_runs import (ROOT, bench_env, ensure_base, evaluate, has_checkpoint, held_out_text, plot,  # noqa: E402
+                       run, table)
 
 
 def main() -> None:
@@ -37,13 +38,10 @@ def main() -> None:
     runs, out_dir = Path(args.runs_dir), Path(args.out_dir)
     runs.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = bench_env()
     started = time.time()
     py = sys.executable
-    base = runs / "base"
-    if not has_checkpoint(base):
-        steps = [f"train.steps={args.base_steps}"] if args.base_steps else []
-        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
+    base = ensure_base(runs, args.base_steps, env)
     mixture = ("data.sources=[{type: stdlib, weight: 0.5}, {type: passkey, weight: 0.5, num_examples: 2000, "
                "answer_only: true}]")  # the base's mixture at the new length
     arms = {"S2-Attn + LoRA (LongLoRA)": ("s2", "s2_attn"), "SF-Attn + LoRA (SinkLoRA)": ("sf", "sf_attn")}

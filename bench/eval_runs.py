@@ -3,6 +3,7 @@ a run with `python -m lctrain eval`, and print the results table."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +21,20 @@ def run(cmd: list[str], env: dict) -> None:
 
 def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "latest").is_file()
+
+
+def bench_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def ensure_base(runs: Path, steps: int | None, env: dict) -> Path:
+    """The dense attention base of both studies: `recipes/moa.yaml` trained into runs/base unless it is there."""
+    base = runs / "base"
+    if not has_checkpoint(base):
+        override = [f"train.steps={steps}"] if steps else []
+        run([sys.executable, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *override,
+             "logging.progress=none"], env)
+    return base
 
 
 def held_out_text(path: Path, files: int) -> Path:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_runs import ROOT, evaluate, has_checkpoint, held_out_text, plot, run, table  # noqa: E402
+from eval_runs import ROOT, bench_env, ensure_base, evaluate, held_out_text, plot, run, table  # noqa: E402
 
 
 def plan_density(plan: dict, length: int) -> float:
@@ -63,13 +63,10 @@ def main() -> None:
     work = runs / "moa"
     work.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = bench_env()
     started = time.time()
     py = sys.executable
-    base = runs / "base"
-    if not has_checkpoint(base):
-        steps = [f"train.steps={args.base_steps}"] if args.base_steps else []
-        run([py, "-m", "lctrain", "recipes/moa.yaml", f"run.dir={base}", *steps, "logging.progress=none"], env)
+    base = ensure_base(runs, args.base_steps, env)
     sink = 16
     run([py, "-m", "lctrain", "moa", "profile", str(base), "--lengths", "256,512", "--docs", str(args.docs),
          "--sink", str(sink), "--alphas", "16,32,64,128", "--betas", "0,0.125,0.25,0.5,1", "--response", "32",
