@@ -78,3 +78,26 @@ def test_init_from_hf_starts_training_from_the_checkpoint(cache_dir, tmp_path, t
     assert proc.stderr.strip().splitlines() == [
         f"error: model.d_model: the recipe says 96 but the checkpoint {hf_dir} has 64; remove model.d_model "
         "from the recipe (it follows the checkpoint)"]
+
+
+def test_sinklora_fine_tune_of_a_hugging_face_llama_exports_merged(cache_dir, tmp_path, tokenizer):
+    """hf: base -> LoRA + SF-Attn + RoPE interpolation run -> adapters name the hf: base -> merged Llama export."""
+    hf_dir = tmp_path / "llama"
+    save_tiny_llama(hf_dir, vocab=tokenizer.vocab_size)
+    tokenizer.save(hf_dir)
+    run = tmp_path / "run"
+    same = ["model.pattern=A", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=160"]
+    run_lctrain(cache_dir, run, f"checkpoint.init_from=hf:{hf_dir}", "train.steps=2", "train.lr=1e-2", *same,
+                "lora.enabled=true", "model.mixers.attn.mode=sf_attn", "model.mixers.attn.rope_scaling=2",
+                "data.seq_len=128")
+    meta = json.loads((run / "checkpoints" / "step-2" / "adapter.json").read_text())
+    assert meta["base"].startswith("hf:") and meta["base"].endswith("llama")
+    from lctrain import load_model
+    from lctrain.export.hf_export import export_run
+    merged, _ = load_model(run)
+    out = export_run(run, tmp_path / "export")
+    exported = LlamaForCausalLM.from_pretrained(out).eval()
+    assert exported.config.rope_parameters["rope_type"] == "linear"
+    ids = torch.randint(4, tokenizer.vocab_size, (1, 90))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, merged(ids), rtol=1e-4, atol=1e-4)
