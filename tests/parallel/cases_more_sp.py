@@ -2,6 +2,8 @@
 single-process ops and mixers (outputs and every gradient), and whole-model cases for hybrids of those mixers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -106,18 +108,26 @@ CASES["swa_per_head_spans"] = lambda g: _local(g, "zigzag", torch.tensor([2, 6])
 
 
 # ------------------------------------------------------------------------------------------- whole model
-def _model_case(pattern: str, mixers: str, layout: str, sp: str = "W"):
-    """Loss and every parameter gradient of a tiny float64 hybrid under SP (or DP 2 x SP 2) equal one device."""
+def _model_case(pattern: str, mixers: str, layout: str, sp: str = "W", plan: dict | None = None):
+    """Loss and every parameter gradient of a tiny float64 hybrid under SP (or DP 2 x SP 2) equal one device.
+    `plan`: a MoA plan applied to the attention layers."""
+    import tempfile
+
     from lctrain.config import load_config
     from lctrain.models import BatchContext, LanguageModel
     from lctrain.parallel import init_sp_groups, loss_normalizer
 
     vocab, tol = 61, 1e-7     # recurrent states are fp32 by contract
+    extra = []
+    if plan is not None:
+        from lctrain.moa.plan import save_plan
+        extra = [f"model.attn_plan={save_plan(plan, Path(tempfile.mkdtemp()) / 'plan.json')}"]
 
     def build():
         cfg = load_config(None, [f"model.vocab_size={vocab}", "model.d_model=16", "model.n_heads=2",
                                  "model.n_kv_heads=1", f"model.n_layers={len(pattern)}", f"model.pattern={pattern}",
-                                 "model.ffn_dim=32", "model.loss_chunk_tokens=16", f"model.mixers={mixers}"])
+                                 "model.ffn_dim=32", "model.loss_chunk_tokens=16", f"model.mixers={mixers}",
+                                 *extra])
         torch.manual_seed(0)
         return LanguageModel(cfg.model).double()
 
@@ -158,6 +168,9 @@ def _model_case(pattern: str, mixers: str, layout: str, sp: str = "W"):
 _SWA = "swa: {window: 4, sink: 2}, conv: {kernel_size: 3}"
 CASES["model_BSMA_zigzag"] = _model_case("BSMA", "{based: {feature_dim: 4}, landmark: {block_size: 4}, " + _SWA + "}",
                                          "zigzag")
+_PLAN = {"format": "lctrain-moa-plan", "version": 1, "sink": 2, "n_heads": 2,
+         "layers": {"0": [[2.0, 0.0], [1.0, 0.25]], "2": [[3.0, 0.125], [0.0, 1.0]]}}
+CASES["model_AGA_moa_plan_zigzag"] = _model_case("AGA", "{}", "zigzag", plan=_PLAN)
 CASES["model_TSBC_contiguous_dp2"] = _model_case(
     "TSBC", "{titans: {variant: mal, chunk_size: 3, persistent_tokens: 2}, based: {feature_dim: 4}, " + _SWA + "}",
     "contiguous", sp="2")

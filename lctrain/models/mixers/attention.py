@@ -134,13 +134,17 @@ class Attention(nn.Module):
         q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
         probe = ctx.extras.get("attn_probe")
         sparse_training = self.training and self.mode != "full"
-        if ctx.sp is not None and (self.plan is not None or sparse_training):
-            raise ConfigError("model.mixers.attn: sf_attn/s2_attn modes and model.attn_plan do not run under "
-                              "sequence parallelism (parallel.sp > 1) yet; use sp=1")
+        if ctx.sp is not None and sparse_training:
+            raise ConfigError("model.mixers.attn: the sf_attn/s2_attn modes do not run under sequence parallelism "
+                              "(parallel.sp > 1) yet; use sp=1")
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache)
         elif probe is not None:
             o = probed_attention(q, k, v, ctx.position_ids, self.scale, lambda a: probe(self.layer_idx, a))
+        elif ctx.sp is not None and self.plan is not None:
+            from lctrain.parallel import sp_local_attention  # spans for the whole (unpadded) row
+            windows, sink = self._plan_spans(ctx.sp.orig_len, q.device)
+            o = sp_local_attention(q, k, v, windows, sink, self.scale, ctx.sp)
         elif ctx.sp is not None:
             from lctrain.parallel import sp_attention
             o = sp_attention(q, k, v, ctx.sp, scale=self.scale)
