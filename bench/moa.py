@@ -99,7 +99,7 @@ def main() -> None:
           + "; uniform windows: " + ", ".join(f"{windows[n]}@{n}" for n in lengths) + f" (+ sink {sink})")
     payload = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "lengths": lengths,
                "density_budget": args.density, "moa_density": densities, "uniform_windows": windows, "sink": sink,
-               "plan_summary": plan.get("summary"), "passkey_trials": args.trials, "results": results,
+               "plan_summary": {**plan.get("summary", {}), "source": os.path.relpath(base, ROOT)}, "passkey_trials": args.trials, "results": results,
                "seconds": round(time.time() - started)}
     (out_dir / f"moa_{kind}.json").write_text(json.dumps(payload, indent=1))
     plot(results, lengths, out_dir / f"moa_{kind}.png", train_len=256)
