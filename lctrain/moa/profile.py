@@ -53,14 +53,24 @@ def layer_influences(lm, tokens: torch.Tensor, response: int) -> tuple[dict[int,
     kept: dict[int, torch.Tensor] = {}
 
     def probe(layer: int, probs: torch.Tensor) -> torch.Tensor:
-        probs.retain_grad()
+        # With frozen weights the first probabilities are where the graph starts; later layers' depend on them.
+        if probs.requires_grad:
+            probs.retain_grad()
+        else:
+            probs.requires_grad_(True)
         kept[layer] = probs
         return probs
 
-    loss = response_loss(lm, tokens, response, probe)
-    loss.backward()
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    for param in trainable:  # only dL/dA is needed: no weight gradients are computed
+        param.requires_grad_(False)
+    try:
+        loss = response_loss(lm, tokens, response, probe)
+        loss.backward()
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
     out = {layer: influence(p.detach()[0], p.grad[0]) for layer, p in kept.items()}
-    lm.zero_grad(set_to_none=True)
     return out, float(loss.detach())
 
 
@@ -158,7 +168,6 @@ def profile_main(argv: list[str]) -> int:
     else:
         stream = held_out_stream(target, not args.no_progress)
     lm = target.model.float().eval()
-    lm.requires_grad_(True)  # the probabilities' gradients flow through later layers' weights
     result = profile(lm, stream, args.lengths, rules, args.sink, args.docs, args.response, not args.no_progress)
     result["source"] = str(args.path)
     out = Path(args.out)

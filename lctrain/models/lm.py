@@ -55,6 +55,9 @@ class LanguageModel(nn.Module):
         self.lm_head = None if model_cfg.tie_embeddings else nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
         self.activation_checkpointing = model_cfg.activation_checkpointing
         self.reset_parameters()
+        if model_cfg.attn_plan:  # MoA: per-head spans for the attention layers, read once for all of them
+            from lctrain.moa.apply import set_attn_plan
+            set_attn_plan(self, model_cfg.attn_plan, where="model.attn_plan")
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -10,7 +10,6 @@ Besides full attention it has the sparse patterns of two context-extension metho
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 
 from lctrain.config import ConfigError
 from lctrain.kernels import local_attention
-from lctrain.models.blocks import RotaryEmbedding
 from lctrain.models.context import BatchContext, document_ids
+from lctrain.models.mixers.qkv import add_qkv, rotated_qkv
 from lctrain.models.mixers.registry import register_mixer
 
 try:  # flash-attn is an optional extra; used for CUDA bf16/fp16 when installed
@@ -97,28 +96,13 @@ class Attention(nn.Module):
         self.mode, self.group_size, self.sink = mode, group_size, sink
         self.plan = None  # MoA plan (set_plan)
         self.kv_budget = None  # (budget, recent): H2O cache eviction while decoding (lctrain.eval.h2o)
-        d = model_cfg.d_model
         self.layer_idx = layer_idx
-        self.n_heads = model_cfg.n_heads
-        self.n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
-        self.head_dim = model_cfg.head_dim or d // self.n_heads
-        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.backend = model_cfg.attn_backend
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.o_proj._is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta, float(rope_scaling))
-        if model_cfg.attn_plan:
-            from lctrain.moa.plan import load_plan
-            try:
-                self.set_plan(load_plan(model_cfg.attn_plan, n_heads=self.n_heads))
-            except ValueError as exc:
-                raise ConfigError(f"model.attn_plan: {exc}") from None
+        add_qkv(self, model_cfg, rope_theta, rope_scaling)
 
     def set_plan(self, plan: dict | None) -> None:
-        """Use this layer's per-head rules from a MoA plan (None, or a plan without this layer: full attention)."""
+        """Use this layer's per-head rules from a MoA plan (None, or a plan without this layer: full attention).
+        The model sets it from `model.attn_plan` (`lctrain.moa.apply.set_attn_plan`)."""
         self.plan = plan if plan is not None and str(self.layer_idx) in plan["layers"] else None
 
     def _plan_spans(self, length: int, device) -> tuple[torch.Tensor, int]:
@@ -127,11 +111,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = self.rope.cos_sin(ctx.position_ids)
-        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        q, k, v = rotated_qkv(self, x, ctx)
         probe = ctx.extras.get("attn_probe")
         sparse_training = self.training and self.mode != "full"
         if ctx.sp is not None and sparse_training:

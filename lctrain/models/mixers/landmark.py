@@ -12,7 +12,6 @@ block and reproduces the training-time output exactly.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -20,8 +19,8 @@ import torch.nn.functional as F
 
 from lctrain.config import ConfigError
 from lctrain.kernels import landmark_attention
-from lctrain.models.blocks import RotaryEmbedding
 from lctrain.models.context import BatchContext
+from lctrain.models.mixers.qkv import add_qkv, rotated_qkv
 from lctrain.models.mixers.registry import register_mixer
 
 
@@ -83,29 +82,15 @@ class LandmarkAttention(nn.Module):
         if isinstance(retrieve_top_k, bool) or not isinstance(retrieve_top_k, int) or retrieve_top_k < 0:
             raise ConfigError(f"model.mixers.landmark.retrieve_top_k: expected an integer >= 0 (0 = every block), "
                               f"got {retrieve_top_k!r}")
-        d = model_cfg.d_model
         self.layer_idx = layer_idx
         self.block_size = block_size
         self.retrieve_top_k = retrieve_top_k
         self.backend = backend
-        self.n_heads = model_cfg.n_heads
-        self.n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
-        self.head_dim = model_cfg.head_dim or d // self.n_heads
-        self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.o_proj._is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta)
+        add_qkv(self, model_cfg, rope_theta)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = self.rope.cos_sin(ctx.position_ids)
-        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        q, k, v = rotated_qkv(self, x, ctx)
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         if ctx.cache is not None:

@@ -7,7 +7,6 @@ stays constant however long the generation.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 
 from lctrain.config import ConfigError
 from lctrain.kernels import local_attention
-from lctrain.models.blocks import RotaryEmbedding
 from lctrain.models.context import BatchContext
+from lctrain.models.mixers.qkv import add_qkv, rotated_qkv
 from lctrain.models.mixers.registry import register_mixer
 
 
@@ -35,27 +34,13 @@ class SlidingWindowAttention(nn.Module):
             raise ConfigError(f"model.mixers.swa.window: must be an int >= 1, got {window!r}")
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
             raise ConfigError(f"model.mixers.swa.sink: must be an int >= 0, got {sink!r}")
-        d = model_cfg.d_model
         self.layer_idx = layer_idx
         self.window, self.sink, self.backend = window, sink, backend
-        self.n_heads = model_cfg.n_heads
-        self.n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
-        self.head_dim = model_cfg.head_dim or d // self.n_heads
-        self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.o_proj._is_residual_out = True
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta or model_cfg.rope_theta)
+        add_qkv(self, model_cfg, rope_theta)
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = self.rope.cos_sin(ctx.position_ids)
-        q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        q, k, v = rotated_qkv(self, x, ctx)
         if ctx.cache is not None:
             o = self._attend_cached(q, k, v, ctx.cache.setdefault(self.layer_idx, {}))
         elif ctx.sp is not None:
