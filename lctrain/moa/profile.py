@@ -20,7 +20,8 @@ import torch
 from lctrain.config import ConfigError
 from lctrain.models.context import BatchContext
 
-PROFILE_FORMAT = "lctrain-moa-profile"
+PROFILE_FORMAT = "lctrain-moa-profile"  # the file `moa search` reads (checked by `search.check_profile`)
+PROFILE_VERSION = 1
 
 
 def influence(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ def profile(lm, stream: torch.Tensor, lengths: list[int], rules, sink: int, docs
             bar.update(1)
         dense_loss.append(total / docs)
     bar.close()
-    return {"format": PROFILE_FORMAT, "version": 1, "rules": [[r.alpha, r.beta] for r in rules], "sink": sink,
+    return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "rules": [[r.alpha, r.beta] for r in rules], "sink": sink,
             "lengths": list(lengths), "layers": layers, "n_heads": heads, "loss": loss, "density": dens,
             "num_docs": docs, "dense_loss": dense_loss}
 

@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from lctrain.moa.plan import PLAN_FORMAT, PLAN_VERSION, head_rules, validate_plan
+from lctrain.moa.profile import PROFILE_FORMAT, PROFILE_VERSION
 from lctrain.moa.rules import Rule
 
 __all__ = ["PROFILE_FORMAT", "PROFILE_VERSION", "check_profile", "search", "summarize", "lowest_density"]
 
-PROFILE_FORMAT = "lctrain-moa-profile"
-PROFILE_VERSION = 1
 _TOL = 1e-9  # density slack accepted as floating-point noise
 
 
