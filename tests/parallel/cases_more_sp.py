@@ -46,17 +46,23 @@ def _compare(groups, layout, batch, names, reference, distributed):
         assert_close(gather_sequence(mine[name].grad, placement), full[name].grad, f"d{name}")
 
 
+def _qkv_batch(rows: int, length: int, kv_heads: int, dim: int) -> dict:
+    """Packed positions, float64 q `[B, T, HEADS, dim]`, k `[B, T, kv_heads, dim]`, v and the output gradient."""
+    shape = (rows, length)
+    return {"position_ids": _positions(rows, length),
+            "q": torch.randn(*shape, HEADS, dim, dtype=torch.float64),
+            "k": torch.randn(*shape, kv_heads, dim, dtype=torch.float64),
+            "v": torch.randn(*shape, kv_heads, VALUE, dtype=torch.float64),
+            "grad": torch.randn(*shape, HEADS, VALUE, dtype=torch.float64)}
+
+
 # ------------------------------------------------------------------------------------------------ Taylor
 def _taylor(groups, layout: str, normalize: bool = True, backend: str = "naive", use_cu: bool = False):
     from lctrain.kernels import taylor_linear_attention as op
     length = _length(groups)
     rows = 2
-    positions = _positions(rows, length)
-    batch = {"position_ids": positions,
-             "q": torch.randn(rows, length, HEADS, FEATURE, dtype=torch.float64),
-             "k": torch.randn(rows, length, HEADS, FEATURE, dtype=torch.float64),
-             "v": torch.randn(rows, length, HEADS, VALUE, dtype=torch.float64),
-             "grad": torch.randn(rows, length, HEADS, VALUE, dtype=torch.float64)}
+    batch = _qkv_batch(rows, length, HEADS, FEATURE)
+    positions = batch["position_ids"]
 
     def reference(full):
         o, _ = op(*[_flat(full[n]) for n in "qkv"], normalize=normalize,
@@ -75,12 +81,8 @@ def _local(groups, layout: str, window, sink, backend: str = "naive", length: in
     from lctrain.kernels import local_attention as op
     length = length or _length(groups)
     rows, dim = 2, 3
-    positions = _positions(rows, length)
-    batch = {"position_ids": positions,
-             "q": torch.randn(rows, length, HEADS, dim, dtype=torch.float64),
-             "k": torch.randn(rows, length, KV_HEADS, dim, dtype=torch.float64),
-             "v": torch.randn(rows, length, KV_HEADS, VALUE, dtype=torch.float64),
-             "grad": torch.randn(rows, length, HEADS, VALUE, dtype=torch.float64)}
+    batch = _qkv_batch(rows, length, KV_HEADS, dim)
+    positions = batch["position_ids"]
 
     def reference(full):
         o = op(*[_flat(full[n]) for n in "qkv"], window, sink, cu_seqlens=cu_seqlens_from_positions(positions),
@@ -241,12 +243,8 @@ def _landmark(groups, layout: str, block_size: int, backend: str = "naive"):
     from lctrain.parallel import sp_landmark_attention
     length = _length(groups)
     rows, dim = 2, 3
-    positions = _positions(rows, length)
-    batch = {"position_ids": positions,
-             "q": torch.randn(rows, length, HEADS, dim, dtype=torch.float64),
-             "k": torch.randn(rows, length, KV_HEADS, dim, dtype=torch.float64),
-             "v": torch.randn(rows, length, KV_HEADS, VALUE, dtype=torch.float64),
-             "grad": torch.randn(rows, length, HEADS, VALUE, dtype=torch.float64)}
+    batch = _qkv_batch(rows, length, KV_HEADS, dim)
+    positions = batch["position_ids"]
     group = HEADS // KV_HEADS
 
     def reference(full):
