@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from lctrain.kernels import aot
+from tests.kernels.aot_util import compile_env, cuobjdump_available
 from lctrain.kernels.linear_attention.triton_config import (
     SUPPORTED_KEY_DIMS,
     SUPPORTED_VALUE_DIMS,
@@ -22,20 +23,11 @@ from lctrain.kernels.linear_attention.triton_config import (
 MODULE = "lctrain.kernels.linear_attention.triton_chunk"
 
 
-def _cuobjdump_available() -> bool:
-    try:
-        return os.access(aot._tool("cuobjdump"), os.X_OK)
-    except ImportError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    if not _cuobjdump_available():
+    if not cuobjdump_available():
         pytest.skip("the installed triton ships no cuobjdump (not a Linux x86-64 wheel)")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = compile_env(tmp_path_factory.mktemp("triton_cache"))
     done = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "kernels.linear_attention.triton_chunk",
                            "--archs", "80,90", "--dtypes", "bf16,fp32", "--jobs", "2"],
                           capture_output=True, text=True, env=env, timeout=600)

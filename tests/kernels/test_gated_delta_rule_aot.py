@@ -5,7 +5,6 @@ The default suite compiles the largest launch configuration (K=128, V=256) and a
 sweep over every supported head dim is marked slow.
 """
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lctrain.kernels import aot
+from tests.kernels.aot_util import assert_all_ok, compile_env
 
 MODULE = "lctrain.kernels.gated_delta_rule.triton_chunk"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,22 +34,6 @@ print(json.dumps(results))
 """
 
 
-def _compile_env(cache_dir):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = cache_dir  # a private cache: the check must really compile
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
-def _assert_all_ok(results):
-    assert results, "no launch configuration was checked"
-    failures = [r for r in results if not r["ok"]]
-    assert not failures, json.dumps(failures, indent=1)
-    for r in results:
-        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
-        assert r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
-
-
 def test_registered_with_the_checker():
     assert MODULE in aot.AOT_MODULES
     from lctrain.kernels.gated_delta_rule import triton_bwd, triton_fwd
@@ -67,19 +51,19 @@ def test_registered_with_the_checker():
 def test_largest_configs_compile_without_spills():
     with tempfile.TemporaryDirectory() as cache_dir:
         proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, json.dumps([[128, 256], [64, 64]]), MODULE],
-                              capture_output=True, text=True, env=_compile_env(cache_dir), timeout=600, cwd=REPO_ROOT)
+                              capture_output=True, text=True, env=compile_env(cache_dir), timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["arch"] for r in results} == set(aot.DEFAULT_ARCHS)
     assert {r["dtype"] for r in results} == set(aot.DEFAULT_DTYPES)
-    _assert_all_ok(results)
+    assert_all_ok(results)
 
 
 @pytest.mark.slow
 def test_every_config_compiles_without_spills():
     with tempfile.TemporaryDirectory() as cache_dir:
         proc = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "gated_delta_rule"],
-                              capture_output=True, text=True, env=_compile_env(cache_dir), timeout=3600, cwd=REPO_ROOT)
+                              capture_output=True, text=True, env=compile_env(cache_dir), timeout=3600, cwd=REPO_ROOT)
     report = json.loads(proc.stdout)
-    _assert_all_ok(report["results"])
+    assert_all_ok(report["results"])
     assert report["ok"] and proc.returncode == 0

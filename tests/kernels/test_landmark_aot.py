@@ -9,7 +9,6 @@ and fp32 for sm_80; the sweep over every head width, block tile, arch and dtype 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lctrain.kernels import aot
+from tests.kernels.aot_util import assert_all_ok, compile_env, cuobjdump_available
 
 MODULE = "lctrain.kernels.landmark_attention.triton_blocks"
 KERNELS = {"landmark_fwd_kernel", "landmark_bwd_dq_kernel", "landmark_bwd_dkv_kernel"}
@@ -37,31 +37,6 @@ for dtype, arch in pairs:
             results.append(aot.check_one(module, dtype, index, arch))
 print(json.dumps(results))
 """
-
-
-def _compile_env(cache_dir) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(cache_dir)  # a private cache: the check must really compile
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
-def _cuobjdump_available() -> bool:
-    try:
-        return os.access(aot._tool("cuobjdump"), os.X_OK)
-    except ImportError:
-        return False
-
-
-def _assert_all_ok(results: list[dict]) -> None:
-    assert results, "no launch configuration was checked"
-    failures = [r for r in results if not r["ok"]]
-    assert not failures, json.dumps(failures, indent=1)
-    for r in results:
-        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
-        assert 0 < r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
-        assert 0 < r["registers"] <= 255
-    assert {r["kernel"] for r in results} == KERNELS
 
 
 def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
@@ -96,25 +71,25 @@ def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
 
 
 def test_largest_configs_compile_without_spills(tmp_path):
-    if not _cuobjdump_available():
+    if not cuobjdump_available():
         pytest.skip("the installed triton ships no cuobjdump (not a Linux x86-64 wheel)")
     pairs = [["bf16", 90], ["fp32", 80]]
     proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, MODULE, json.dumps([128]), json.dumps([64]),
                            json.dumps(pairs)],
-                          capture_output=True, text=True, env=_compile_env(tmp_path), timeout=600, cwd=REPO_ROOT)
+                          capture_output=True, text=True, env=compile_env(tmp_path), timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {(r["dtype"], r["arch"]) for r in results} == {tuple(p) for p in pairs}
     assert len(results) == 2 * len(KERNELS)
-    _assert_all_ok(results)
+    assert_all_ok(results, KERNELS, registers=True)
 
 
 @pytest.mark.slow
 def test_every_config_compiles_without_spills(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "landmark_attention"],
-                          capture_output=True, text=True, env=_compile_env(tmp_path), timeout=3600, cwd=REPO_ROOT)
+                          capture_output=True, text=True, env=compile_env(tmp_path), timeout=3600, cwd=REPO_ROOT)
     report = json.loads(proc.stdout)
-    _assert_all_ok(report["results"])
+    assert_all_ok(report["results"], KERNELS, registers=True)
     assert {r["arch"] for r in report["results"]} == set(aot.DEFAULT_ARCHS)
     assert {r["dtype"] for r in report["results"]} == set(aot.DEFAULT_DTYPES)
     assert report["ok"] and proc.returncode == 0

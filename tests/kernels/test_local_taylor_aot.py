@@ -9,7 +9,6 @@ sweep over every local-attention head width is marked slow.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from lctrain.kernels import aot
+from tests.kernels.aot_util import assert_all_ok, compile_env, cuobjdump_available
 
 LOCAL = "lctrain.kernels.local_attention.triton_local"
 TAYLOR = "lctrain.kernels.taylor_linear_attention.triton_chunk"
@@ -38,36 +38,20 @@ print(json.dumps(results))
 """
 
 
-def _cuobjdump_available() -> bool:
-    try:
-        return os.access(aot._tool("cuobjdump"), os.X_OK)
-    except ImportError:
-        return False
-
-
 def _compile(module: str, kwargs: dict) -> list[dict]:
-    if not _cuobjdump_available():
+    if not cuobjdump_available():
         pytest.skip("the installed triton ships no cuobjdump (not a Linux x86-64 wheel)")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as cache_dir:
-        env["TRITON_CACHE_DIR"] = cache_dir
         proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, module, json.dumps(kwargs)], cwd=REPO_ROOT,
-                              capture_output=True, text=True, env=env, timeout=900)
+                              capture_output=True, text=True, env=compile_env(cache_dir), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _assert_all_ok(results: list[dict], kernels: set[str]) -> None:
-    assert results, "no launch configuration was checked"
-    failures = [r for r in results if not r["ok"]]
-    assert not failures, json.dumps(failures, indent=1)
-    for r in results:
-        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
-        assert 0 <= r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
+    assert_all_ok(results, kernels)
     assert {r["arch"] for r in results} == set(aot.DEFAULT_ARCHS)
     assert {r["dtype"] for r in results} == set(aot.DEFAULT_DTYPES)
-    assert {r["kernel"] for r in results} == kernels
 
 
 def test_registered_with_the_checker_and_every_launched_kernel_is_listed():

@@ -6,7 +6,6 @@ chunks) of every kernel, bf16 for sm_90 and fp32 for sm_80; the full sweep over 
 chunk tile, arch and dtype is marked slow.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lctrain.kernels import aot
+from tests.kernels.aot_util import assert_all_ok, compile_env, cuobjdump_available
 
 MODULE = "lctrain.kernels.titans_memory.triton_chunk"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,30 +33,6 @@ for dtype, arch in json.loads(sys.argv[3]):
             results.append(aot.check_one(sys.argv[4], dtype, index, arch))
 print(json.dumps(results))
 """
-
-
-def _compile_env(cache_dir):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(cache_dir)  # a private cache: the check must really compile
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
-def _cuobjdump_available() -> bool:
-    try:
-        return os.access(aot._tool("cuobjdump"), os.X_OK)
-    except ImportError:
-        return False
-
-
-def _assert_all_ok(results):
-    assert results, "no launch configuration was checked"
-    failures = [r for r in results if not r["ok"]]
-    assert not failures, json.dumps(failures, indent=1)
-    for r in results:
-        assert r["compiled"] and r["local"] == 0 and r["stack"] == 0
-        assert 0 < r["shared"] <= aot.SHARED_MEMORY_LIMIT[r["arch"]]
-        assert 0 < r["registers"] <= 255
 
 
 def test_registered_with_the_checker():
@@ -84,25 +60,25 @@ def test_registered_with_the_checker():
 
 
 def test_largest_configs_compile_without_spills(tmp_path):
-    if not _cuobjdump_available():
+    if not cuobjdump_available():
         pytest.skip("the installed triton ships no cuobjdump (not a Linux x86-64 wheel)")
     pairs = [["bf16", 90], ["fp32", 80]]
     proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, json.dumps([[128, 128]]), json.dumps([32]),
                            json.dumps(pairs), MODULE],
-                          capture_output=True, text=True, env=_compile_env(tmp_path), timeout=600, cwd=REPO_ROOT)
+                          capture_output=True, text=True, env=compile_env(tmp_path), timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {(r["dtype"], r["arch"]) for r in results} == {tuple(p) for p in pairs}
     assert len(results) == 2 * 5  # five kernels each
-    _assert_all_ok(results)
+    assert_all_ok(results, registers=True)
 
 
 @pytest.mark.slow
 def test_every_config_compiles_without_spills(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lctrain.kernels.aot", "--modules", "titans_memory"],
-                          capture_output=True, text=True, env=_compile_env(tmp_path), timeout=3600, cwd=REPO_ROOT)
+                          capture_output=True, text=True, env=compile_env(tmp_path), timeout=3600, cwd=REPO_ROOT)
     report = json.loads(proc.stdout)
-    _assert_all_ok(report["results"])
+    assert_all_ok(report["results"], registers=True)
     assert {r["arch"] for r in report["results"]} == set(aot.DEFAULT_ARCHS)
     assert {r["dtype"] for r in report["results"]} == set(aot.DEFAULT_DTYPES)
     assert report["ok"] and proc.returncode == 0
