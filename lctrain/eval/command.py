@@ -154,8 +154,7 @@ def eval_main(argv: list[str]) -> int:
     rows, columns, scalars, settings = run_task(target, args)
     print(format_table(rows, columns), flush=True)
     payload = {"task": args.task, "path": str(args.path), "attn_plan": args.attn_plan,
-               "kv_budget": args.kv_budget, "step": target.step,
-               "seed": args.seed,
+               "kv_budget": args.kv_budget, "step": target.step, "seed": args.seed,
                "device": str(next(target.model.parameters()).device), "settings": settings, "results": rows,
                "seconds": round(time.time() - started, 2)}
     if args.task == "niah":

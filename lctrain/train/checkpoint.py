@@ -175,12 +175,12 @@ class CheckpointManager:
                              "checkpoint.init_from for weights only)")
         if load_engine_state is not None:
             load_engine_state(path)
-        elif getattr(model, "_lora_cfg", None) is not None:
-            from lctrain.train.lora import ADAPTER_FILE, load_adapter
-            load_adapter(model, path / ADAPTER_FILE)
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         else:
-            load_model_weights(model, path / "model.safetensors")
+            if getattr(model, "_lora_cfg", None) is not None:  # a LoRA run saved what trains only
+                from lctrain.train.lora import ADAPTER_FILE, load_adapter
+                load_adapter(model, path / ADAPTER_FILE)
+            else:
+                load_model_weights(model, path / "model.safetensors")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=True)
         set_rng_state(per_rank["rng"])

@@ -16,17 +16,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from lctrain.config import ConfigError
+from lctrain.config import ConfigError, LoraConfig
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
 
 
 def _peft_config(lora_cfg):
-    from peft import LoraConfig  # imported on use: peft pulls in transformers
+    from peft import LoraConfig as PeftLoraConfig  # imported on use: peft pulls in transformers
 
-    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=list(lora_cfg.target_modules), bias="none")
+    return PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules=list(lora_cfg.target_modules), bias="none")
 
 
 def _also_trained(name: str, patterns: list[str]) -> bool:
@@ -96,14 +96,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-class _LoraSettings:
-    """The `lora.*` options read back from adapter.json."""
-
-    def __init__(self, meta: dict):
-        self.r, self.alpha, self.dropout = int(meta["r"]), float(meta["alpha"]), float(meta["dropout"])
-        self.target_modules, self.trainable = list(meta["target_modules"]), list(meta["trainable"])
-
-
 def read_meta(adapter: Path) -> dict:
     meta_path = adapter.parent / ADAPTER_META
     try:
@@ -118,7 +110,10 @@ def load_merged(model: nn.Module, adapter: Path) -> nn.Module:
 
     meta = read_meta(adapter)
     load_weights(model, meta["base"], where=f"{adapter.parent / ADAPTER_META}: base")
-    apply_lora(model, _LoraSettings(meta))
+    settings = LoraConfig(enabled=True, r=int(meta["r"]), alpha=float(meta["alpha"]),
+                          dropout=float(meta["dropout"]), target_modules=list(meta["target_modules"]),
+                          trainable=list(meta["trainable"]))
+    apply_lora(model, settings)
     load_adapter(model, adapter)
     return merge_lora(model)
 
