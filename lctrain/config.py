@@ -80,6 +80,7 @@ class DataConfig:
     seq_len: int = 256
     eval_fraction: float = 0.02  # documents held out for evaluation
     max_documents: int = 0  # 0: all; otherwise the first N documents of each source (quick experiments)
+    batching: Literal["mixed", "per_source"] = "mixed"  # per_source: each step from one source, by weight
     cache_dir: str = ""  # tokenised data and trained tokenizers; empty: $LCTRAIN_CACHE or ~/.cache/lctrain
 
 

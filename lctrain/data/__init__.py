@@ -14,7 +14,7 @@ synthetic task does not train, e.g. everything but the answers of MQAR), `positi
 Modules: `sources` (reading files through HF datasets), `stdlib_source` (the embedded default corpus),
 `synthetic` (seeded MQAR and passkey documents, generated in memory instead of cached),
 `tokenizer`, `token_store` (memory-mapped token cache), `cache` (atomic, locked cache entries), `sampling` (split
-and mixture), `packing` (windows), `loader` (order, sharding, state).
+and mixture), `packing` (windows), `loader` (order, sharding, state), `source_batches` (one source per step).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from lctrain.data import loader as _loader
 from lctrain.data import token_store
 from lctrain.data.cache import stable_hash
 from lctrain.data.packing import PackedStream
+from lctrain.data.source_batches import SourceBatchLoader
 from lctrain.data.sources import Source, build_sources
 from lctrain.data.tokenizer import Tokenizer, get_tokenizer
 
@@ -49,8 +50,10 @@ class Data:
         return _loader.eval_batches(self._eval, n, *self._eval_args)
 
 
-def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool = True) -> Data:
+def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool = True,
+               batches_per_step: int = 1) -> Data:
     """Everything the training loop needs from `cfg.data` (plus `train.seed`, `train.micro_batch_size`).
+    `batches_per_step` (gradient accumulation) keeps a step on one source under `data.batching: per_source`.
 
     Trains the tokenizer and tokenises the sources on first use (once, under file locks, so concurrent ranks
     share the work); later runs open the caches under `resolve_cache_dir(cfg)` directly.
@@ -77,10 +80,13 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
         "tokens": [store.meta["content_hash"] for store in tokens], "tokenizer": tokenizer.fingerprint,
         "weights": [source.weight for source in sources], "seq_len": data_cfg.seq_len,
     })
-    train = _loader.TrainLoader(
-        [store.train for store in tokens], [source.weight for source in sources], data_cfg.seq_len,
-        cfg.train.micro_batch_size, cfg.train.seed, dp_rank, dp_size, tokenizer.bos_id, tokenizer.eos_id,
-        fingerprint)
+    loader_args = ([store.train for store in tokens], [source.weight for source in sources], data_cfg.seq_len,
+                   cfg.train.micro_batch_size, cfg.train.seed, dp_rank, dp_size, tokenizer.bos_id, tokenizer.eos_id,
+                   fingerprint)
+    if data_cfg.batching == "per_source":
+        train = SourceBatchLoader(*loader_args, batches_per_step=batches_per_step)
+    else:
+        train = _loader.TrainLoader(*loader_args)
     evaluation = None
     if any(len(store.eval) for store in tokens):
         evaluation = _loader.eval_stream([store.eval for store in tokens], data_cfg.seq_len, tokenizer.bos_id,

@@ -75,6 +75,9 @@ class TrainLoader:
                 "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("batching") == "per_source":
+            raise ConfigError("data.batching: the checkpoint was trained with per_source batches, this run asks "
+                              "for mixed; resume with the same data.batching or start a new run")
         missing = [k for k in ("epoch", "position", "seed", "fingerprint") if k not in state]
         if missing:
             raise ConfigError(f"checkpoint.resume: the data loader state lacks {', '.join(missing)}; it was not "

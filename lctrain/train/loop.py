@@ -78,7 +78,8 @@ class Trainer:
             follow_run_checkpoint(cfg, cfg.checkpoint.init_from)  # likewise from an lctrain run or checkpoint
 
         from lctrain.data import build_data  # imported late: datasets is slow to import
-        self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main)
+        self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main,
+                               batches_per_step=self.layout.grad_accum)
         vocab = self.data.tokenizer.vocab_size
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab

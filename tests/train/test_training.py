@@ -55,6 +55,19 @@ def test_resume_is_bit_identical(cache_dir, tmp_path, nproc):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_per_source_batching_with_accumulation_resumes_bit_identically(cache_dir, tmp_path):
+    sources = ", ".join(f"{{type: mqar, num_kv_pairs: {n}, task_vocab: 16, num_examples: 60, seed: {n}}}"
+                        for n in (2, 4, 6))
+    steps = ["train.steps=5", f"data.sources=[{sources}]", "data.batching=per_source",
+             "train.tokens_per_step=512"]  # 2 micro-batches of 4 x 64 per step
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_lctrain(cache_dir, straight, *steps)
+    run_lctrain(cache_dir, split, *steps, "train.stop_at=2")
+    assert "resumed from" in run_lctrain(cache_dir, split, *steps).stdout
+    assert train_losses(straight) == train_losses(split)  # exact, step by step
+    assert len(train_losses(straight)) == 5
+
+
 def _wait_for_step(run: Path, step: int, proc, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
