@@ -18,12 +18,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def plot_recall(path: Path) -> Path:
     data = json.loads(path.read_text())
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model in dict.fromkeys(r["model"] for r in data["rows"]):
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")]  # lines at the same accuracy stay visible
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in data["rows"])):
         rows = [r for r in data["rows"] if r["model"] == model]
-        ax.plot([r["num_kv_pairs"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=model)
+        marker, line = styles[i % len(styles)]
+        ax.plot([r["num_kv_pairs"] for r in rows], [r["accuracy"] for r in rows], marker=marker, linestyle=line,
+                markersize=7 - i, label=model)
     ax.set_xlabel("key-value pairs")
     ax.set_ylabel("MQAR accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_title(f"recall, T={data['seq_len']}, {data['steps']} steps ({data['device']})")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -25,7 +25,8 @@ The question ("A Systematic Analysis of Hybrid Linear Attention"): does recall r
 full-attention layers, and how does it fall with more pairs? Models: `G` (pure GDN), `GGGGGGA` (6:1), `GGGA`
 (3:1), `A` (attention), all 4 layers except 6:1, which needs 7 (`--depth 7` trains every model with 7 layers;
 `GGGA` then repeats to `GGGAGGG`). `--jobs` models train at once, each in its own process on its share of the
-CPU threads. Writes bench/results/recall_<cpu|gpu>[_quick][_kdN].{json,png} (+ a table on stdout).
+CPU threads. Writes bench/results/recall_<cpu|gpu>[_quick][_kdN][_depthN][_Nsteps][_PATTERNS].{json,png}
+(+ a table on stdout).
 """
 from __future__ import annotations
 
@@ -128,6 +129,20 @@ def _in_subprocess(label: str, layers: int, args, threads: int) -> list[dict]:
     return json.loads(rows_file.read_text())
 
 
+def _command_line() -> str:
+    """This invocation, without where its scratch files went (the results do not depend on it)."""
+    argv, kept = sys.argv[1:], []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--runs-dir":
+            skip = True
+        elif not arg.startswith("--runs-dir="):
+            kept.append(arg if " " not in arg else repr(arg))
+    return " ".join(["python", "bench/recall.py", *kept])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 64 and up to 12 pairs (CPU, under an hour)")
@@ -174,9 +189,11 @@ def main() -> None:
                "device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "batch": args.batch,
                "lr": args.lr, "gdn_key_dim": args.gdn_key_dim, "seq_len": g["seq_len"], "jobs": jobs,
                "wall_s": round(time.time() - t0), "train_kv_pairs": g["train_pairs"], "task_vocab": g["task_vocab"],
-               "chance": 2 / g["task_vocab"], "command": " ".join(["python", "bench/recall.py", *sys.argv[1:]]),
+               "chance": 2 / g["task_vocab"], "command": _command_line(),
                "rows": rows}
-    suffix = ("_quick" if args.quick else "") + (f"_kd{args.gdn_key_dim}" if args.gdn_key_dim != 4 else "")
+    suffix = ("_quick" if args.quick else "") + (f"_kd{args.gdn_key_dim}" if args.gdn_key_dim != 4 else "") \
+        + (f"_depth{args.depth}" if args.depth else "") + (f"_{args.steps}steps" if args.steps != 6000 else "") \
+        + ("" if args.models == ",".join(MODELS) else "_" + "_".join(MODELS[label][0] for label in chosen))
     path = Path(args.out_dir) / f"recall_{device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
