@@ -41,12 +41,18 @@ def fraction(text: str) -> float:
     return value
 
 
+def _list(text: str, kind) -> list:
+    """Comma-separated values of `kind` (int or float)."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {noun}") from None
+
+
 def int_list(text: str) -> list[int]:
     """Comma-separated positive integers, e.g. 512,2048."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    values = _list(text, int)
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, e.g. 512,2048")
     return values
@@ -54,10 +60,7 @@ def int_list(text: str) -> list[int]:
 
 def float_list(text: str) -> list[float]:
     """Comma-separated numbers, e.g. 0,0.5,1."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    values = _list(text, float)
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected numbers, e.g. 0,0.5,1")
     return values

@@ -75,21 +75,28 @@ class TrainLoader:
                 "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("batching") == "per_source":
-            raise ConfigError("data.batching: the checkpoint was trained with per_source batches, this run asks "
-                              "for mixed; resume with the same data.batching or start a new run")
-        missing = [k for k in ("epoch", "position", "seed", "fingerprint") if k not in state]
-        if missing:
-            raise ConfigError(f"checkpoint.resume: the data loader state lacks {', '.join(missing)}; it was not "
-                              "written by this loader")
-        if state["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"data.sources: the checkpoint was trained on different data (fingerprint "
-                              f"{state['fingerprint']}, now {self.fingerprint}: sources, tokenizer, seq_len, "
-                              "eval_fraction or weights changed); resume with the same data or start a new run")
-        if int(state["seed"]) != self.seed:
-            raise ConfigError(f"train.seed: {self.seed} differs from the checkpoint's {state['seed']}; the data "
-                              "order depends on the seed, resume with the same seed")
+        check_state_origin(state, "mixed", ("epoch", "position"), self.fingerprint, self.seed)
         self.epoch, self.position = self._locate(int(state["epoch"]), int(state["position"]))
+
+
+def check_state_origin(state: dict, batching: str, keys: tuple[str, ...], fingerprint: str, seed: int) -> None:
+    """Refuse, with a one-line ConfigError, a loader state written for other batching, data or seed, or lacking
+    `keys`. A mixed loader's state carries no `batching` entry."""
+    theirs = state.get("batching", "mixed")
+    if theirs != batching:
+        raise ConfigError(f"data.batching: the checkpoint was trained with {theirs} batches, this run asks for "
+                          f"{batching}; resume with the same data.batching or start a new run")
+    missing = [k for k in (*keys, "seed", "fingerprint") if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint.resume: the data loader state lacks {', '.join(missing)}; it was not "
+                          "written by this loader")
+    if state["fingerprint"] != fingerprint:
+        raise ConfigError(f"data.sources: the checkpoint was trained on different data (fingerprint "
+                          f"{state['fingerprint']}, now {fingerprint}: sources, tokenizer, seq_len, "
+                          "eval_fraction or weights changed); resume with the same data or start a new run")
+    if int(state["seed"]) != seed:
+        raise ConfigError(f"train.seed: {seed} differs from the checkpoint's {state['seed']}; the data "
+                          "order depends on the seed, resume with the same seed")
 
 
 def eval_stream(splits, seq_len: int, bos_id: int, eos_id: int) -> PackedStream:

@@ -20,7 +20,7 @@ with another data-parallel size or micro-batch size.
 from __future__ import annotations
 
 from lctrain.config import ConfigError
-from lctrain.data.loader import TrainLoader
+from lctrain.data.loader import TrainLoader, check_state_origin
 from lctrain.data.sampling import combine_key
 
 STATE_KIND = "per_source"
@@ -86,16 +86,7 @@ class SourceBatchLoader:
                 "fingerprint": self.fingerprint, "sources": [loader.state_dict() for loader in self.loaders]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("batching") != STATE_KIND:
-            raise ConfigError("data.batching: the checkpoint was trained with mixed batches, this run asks for "
-                              "per_source; resume with the same data.batching or start a new run")
-        if state["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"data.sources: the checkpoint was trained on different data (fingerprint "
-                              f"{state['fingerprint']}, now {self.fingerprint}: sources, tokenizer, seq_len, "
-                              "eval_fraction or weights changed); resume with the same data or start a new run")
-        if int(state["seed"]) != self.seed:
-            raise ConfigError(f"train.seed: {self.seed} differs from the checkpoint's {state['seed']}; the data "
-                              "order depends on the seed, resume with the same seed")
+        check_state_origin(state, STATE_KIND, ("step", "sources"), self.fingerprint, self.seed)
         for loader, sub in zip(self.loaders, state["sources"]):
             loader.load_state_dict(sub)
         self.step, self._taken = int(state["step"]), 0

@@ -31,15 +31,20 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor, op: str = "op")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_attention_qkv(q, k, v, op: str) -> None:
-    """Softmax-attention inputs: q `[B, T, H, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` with Hkv dividing H, one
-    float dtype. Raises a one-line ValueError naming the bad argument."""
+def check_qkv_tensors(op: str, q, k, v) -> None:
+    """q, k and v are 4-D tensors `[B, T, H, D]` of a float dtype; otherwise a one-line ValueError naming which."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{op}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} dtype {x.dtype} is not one of {FLOAT_DTYPES}")
+
+
+def check_attention_qkv(q, k, v, op: str) -> None:
+    """Softmax-attention inputs: q `[B, T, H, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` with Hkv dividing H, one
+    float dtype. Raises a one-line ValueError naming the bad argument."""
+    check_qkv_tensors(op, q, k, v)
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     if k.shape[:2] != q.shape[:2] or k.shape[-1] != head_dim or kv_heads == 0 or heads % kv_heads:

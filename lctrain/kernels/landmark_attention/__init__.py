@@ -11,12 +11,11 @@ import torch
 from lctrain.kernels.landmark_attention.chunk import chunk_landmark_attention
 from lctrain.kernels.landmark_attention.common import landmark_mask
 from lctrain.kernels.landmark_attention.naive import naive_landmark_attention
-from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
 
 __all__ = ["landmark_attention", "naive_landmark_attention", "chunk_landmark_attention", "landmark_mask"]
 
 _OP = "landmark_attention"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def landmark_attention(
@@ -74,17 +73,9 @@ def landmark_attention(
     return triton_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
 
 
-def _shape(x) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 def _validate(q, k, v, block_size, scale, cu_seqlens) -> None:
     """Raise a ValueError naming the bad argument."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {_shape(x)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
+    check_qkv_tensors(_OP, q, k, v)
     batch, length, heads, _ = q.shape
     if k.shape != q.shape:
         raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)} [B, T, H, D]")

@@ -11,13 +11,12 @@ import torch
 from lctrain.kernels.taylor_linear_attention.chunk import chunk_taylor_linear_attention
 from lctrain.kernels.taylor_linear_attention.common import MAX_FEATURE_DIM, state_rows
 from lctrain.kernels.taylor_linear_attention.naive import naive_taylor_linear_attention
-from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
 
 __all__ = ["taylor_linear_attention", "naive_taylor_linear_attention", "chunk_taylor_linear_attention",
            "state_rows"]
 
 _OP = "taylor_linear_attention"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def taylor_linear_attention(
@@ -84,12 +83,7 @@ def taylor_linear_attention(
 
 def _validate(q, k, v, scale, normalize, eps, initial_state, cu_seqlens) -> None:
     """Raise a ValueError naming the bad argument."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {shape}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
+    check_qkv_tensors(_OP, q, k, v)
     batch, length, heads, feature_dim = q.shape
     if k.shape != q.shape:
         raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)} [B, T, H, D]")

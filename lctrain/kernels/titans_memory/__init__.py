@@ -10,12 +10,11 @@ import torch
 
 from lctrain.kernels.titans_memory.chunk import chunk_titans_linear_memory
 from lctrain.kernels.titans_memory.naive import naive_titans_linear_memory
-from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
 
 __all__ = ["titans_linear_memory", "naive_titans_linear_memory", "chunk_titans_linear_memory"]
 
 _OP = "titans_linear_memory"
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def titans_linear_memory(
@@ -84,11 +83,7 @@ def _shape(x) -> object:
 
 def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens) -> int:
     """Raise a ValueError naming the bad argument; return the number of sequences N."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be a 4-D tensor [B, T, H, D], got {_shape(x)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{_OP}: {name} dtype {x.dtype} is not one of {_FLOAT_DTYPES}")
+    check_qkv_tensors(_OP, q, k, v)
     batch, length, heads, key_dim = q.shape
     if k.shape != q.shape:
         raise ValueError(f"{_OP}: k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)} [B, T, H, K]")
