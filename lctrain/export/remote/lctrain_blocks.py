@@ -50,15 +50,27 @@ class ShortConvolution(nn.Module):
         self.activation = activation
         self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
 
-    def forward(self, x, entry, key):
+    def forward(self, x, entry, key, valid=None):
+        """x [B, T, C]; valid [B, T] bool or None (False: padding, neither read nor stored)."""
         k = self.kernel_size
         prefix = entry.get(key) if entry is not None else None
         if prefix is None:
             prefix = x.new_zeros(x.shape[0], k - 1, x.shape[2])
+        order = None
+        if valid is not None:
+            # Real tokens first, in order, padding after them: a token then reads the real inputs before it.
+            order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+            x = x.gather(1, order[..., None].expand_as(x)) * valid.gather(1, order)[..., None].to(x.dtype)
         padded = torch.cat([prefix.to(x.dtype), x], dim=1)
-        if entry is not None:
-            entry[key] = padded[:, padded.shape[1] - (k - 1):].detach()  # the last k - 1 inputs (none when k == 1)
+        if entry is not None:  # the last k - 1 real inputs (none when k == 1)
+            if valid is None:
+                entry[key] = padded[:, padded.shape[1] - (k - 1):].detach()
+            else:
+                last = valid.sum(dim=1)[:, None] + torch.arange(k - 1, device=x.device)
+                entry[key] = padded.gather(1, last[..., None].expand(-1, -1, x.shape[2])).detach()
         out = x * self.weight[:, -1]
         for shift in range(1, k):
             out = out + padded[:, k - 1 - shift:k - 1 - shift + x.shape[1]] * self.weight[:, -1 - shift]
+        if order is not None:  # back to the input order
+            out = out.gather(1, order.argsort(dim=1)[..., None].expand_as(out))
         return F.silu(out) if self.activation else out
