@@ -34,6 +34,18 @@ logger = logging.get_logger(__name__)
 
 MIXERS = {"attn": Attention, "gdn": GatedDeltaNet, "linear": LinearAttention, "swa": SlidingWindowAttention,
           "based": BasedLinearAttention, "conv": GatedConvolution, "landmark": LandmarkAttention, "titans": Titans}
+# nn.Linear modules a LoRA adapter can target, per mixer type (names inside `model.layers.i.mixer`), and the MLP's.
+LORA_TARGETS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "swa": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "landmark": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gdn": ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj"),
+    "linear": ("q_proj", "k_proj", "v_proj", "u_proj", "o_proj"),
+    "based": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "conv": ("in_proj", "gate_proj", "out_proj"),
+    "titans": ("mem_qkv", "mem_gates", "attn_qkv", "mem_read_q", "readout_proj", "attn_out", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 # The output field that carries the cache: `cache` in transformers 5, `past_key_values` before.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -150,6 +162,12 @@ class LctrainForCausalLM(LctrainPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def lora_target_modules(self, mlp=True):
+        """Names for peft's `LoraConfig(target_modules=...)` covering every mixer of this model (and the MLPs)."""
+        kinds = list(dict.fromkeys(self.config.mixer_types)) + (["mlp"] if mlp else [])
+        present = {name.rsplit(".", 1)[-1] for name, module in self.named_modules() if isinstance(module, nn.Linear)}
+        return sorted({n for kind in kinds for n in LORA_TARGETS[kind] if n in present})
 
     def new_cache(self):
         return LctrainCache(self.config.num_hidden_layers)
