@@ -4,7 +4,8 @@
     model.safetensors            weights (sharded with model.safetensors.index.json above --max-shard-size)
     tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     generation_config.json
-    configuration_lctrain.py, modeling_lctrain.py, lctrain_*.py   hybrid models only (auto_map, trust_remote_code)
+    configuration_lctrain.py, modeling_lctrain.py, lctrain_*.py, tokenization_lctrain.py
+                                 hybrid models only (auto_map for the model and the tokenizer, trust_remote_code)
 """
 from __future__ import annotations
 

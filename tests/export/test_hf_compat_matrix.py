@@ -86,6 +86,17 @@ def test_padded_batches_equal_each_row_alone(tokenizer, exports, pattern):
             torch.testing.assert_close(logits[row, span], lctrain_logits(model, ids[row:row + 1, :n])[0], rtol=0,
                                        atol=1e-4, msg=f"{side} padding, row {row}")
 
+    # Padding in the middle of a row (e.g. packed chat turns): the row computes what its real tokens do alone.
+    holes = torch.ones(3, 20, dtype=torch.bool)
+    holes[0, [3, 4, 11]] = False
+    holes[1, [0, 9]] = False
+    batch = torch.where(holes, ids, torch.full_like(ids, tokenizer.pad_id))
+    with torch.no_grad():
+        logits = hf(batch, attention_mask=holes.long()).logits
+    for row in range(3):
+        expected = lctrain_logits(model, ids[row:row + 1][:, holes[row]])[0]
+        torch.testing.assert_close(logits[row, holes[row]], expected, rtol=0, atol=1e-4, msg=f"holes, row {row}")
+
     prompts = [ids[0, :9], ids[1, :5], ids[2, :2]]
     batch, mask = left_pad(prompts, tokenizer.pad_id)
     generated = hf.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
