@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# bench/ itself must not be on the path: its kernels.py would shadow the `kernels` package transformers probes.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lctrain  # noqa: E402
@@ -60,6 +61,24 @@ def logits(model, ids, dtype, perturb=0.0):
     if hook is not None:
         hook.remove()
     return out
+
+
+def memory_growth(model, ids):
+    """Largest |memory| entry after each memory write (linear memory), from a float64 run: [per call]."""
+    import lctrain.models.mixers.titans as titans
+
+    original, sizes = titans.titans_linear_memory, []
+
+    def recording(*args, **kwargs):
+        o, state = original(*args, **kwargs)
+        sizes.append(state[0].abs().max().item())
+        return o, state
+    titans.titans_linear_memory = recording
+    try:
+        logits(model, ids, torch.float64)
+    finally:
+        titans.titans_linear_memory = original
+    return sizes
 
 
 def main() -> None:
@@ -101,10 +120,12 @@ def main() -> None:
             }
             row_result = {"length": len(row), "logit_scale": reference.abs().max().item()}
             row_result.update({name: (value - reference).abs().max().item() for name, value in found.items()})
+            row_result["memory_max_per_write_fp64"] = memory_growth(model, x)
             row_result["export_fp32_vs_lctrain_fp32"] = (found["export_fp32_without_lctrain"]
                                                          - found["lctrain_fp32"]).abs().max().item()
             rows.append(row_result)
-            print(json.dumps(row_result), flush=True)
+            print(json.dumps({k: v for k, v in row_result.items() if not isinstance(v, list)}), flush=True)
+            print(f"  |memory| per write: {' '.join(f'{v:.0e}' for v in row_result['memory_max_per_write_fp64'])}")
     result = {"device": f"{platform.machine()} {os.cpu_count()}-core CPU, torch {torch.__version__}",
               "model": {"pattern": model.cfg.pattern, "d_model": model.cfg.d_model, "mixers": model.cfg.mixers},
               "reference": "lctrain in float64", "rows": rows}

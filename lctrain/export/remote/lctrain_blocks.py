@@ -12,9 +12,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; fp64 stays fp64, as in lctrain
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -29,12 +29,13 @@ class MLP(nn.Module):
 
 
 def rotate(x, position_ids, theta, scaling=1.0):
-    """Rotary embedding, rotate-half layout, computed in fp32. x [B, T, H, D], position_ids [B, T]."""
+    """Rotary embedding, rotate-half layout: angles in fp32, the rotation in fp32 (fp64 for fp64 x), as lctrain.
+    x [B, T, H, D], position_ids [B, T]."""
     dim = x.shape[-1]
     inv_freq = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))).float().to(x.device)
     freqs = (position_ids.float() / scaling)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     half = dim // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * emb.cos() + rotated * emb.sin()).to(x.dtype)
