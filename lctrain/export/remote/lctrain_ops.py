@@ -92,6 +92,8 @@ def torch_linear_attention(q, k, v, log_decay, scale, state):
 
 def gated_delta_rule(q, k, v, g, beta, state):
     scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1:  # a decoding step: one recurrence step beats any chunked kernel's set-up
+        return torch_gated_delta_rule(q, k, v, g, beta, scale, state)
     if "gdn" in _OWN:
         return _OWN["gdn"](q, k, v, g=g, beta=beta, scale=scale, initial_state=state, output_final_state=True)
     if "gdn" in _FLA and q.is_cuda:
@@ -102,6 +104,8 @@ def gated_delta_rule(q, k, v, g, beta, state):
 def linear_attention(q, k, v, log_decay, state):
     """log_decay [H] (per head) or [B, T, H] (per token)."""
     scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1:  # a decoding step
+        return torch_linear_attention(q, k, v, log_decay, scale, state)
     if "linear" in _OWN:
         return _OWN["linear"](q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
                               output_final_state=True)
@@ -190,7 +194,7 @@ def torch_taylor_linear_attention(q, k, v, state, eps=1e-6, chunk=64, keep=None)
 
 
 def taylor_linear_attention(q, k, v, state, keep=None):
-    if keep is not None:  # padding: only the PyTorch form can leave those tokens out
+    if keep is not None or q.shape[1] == 1:  # padding (only this form leaves tokens out), or a decoding step
         o, state = torch_taylor_linear_attention(q, k, v, state, keep=keep)
         return o.to(q.dtype), state
     if "based" in _OWN:
