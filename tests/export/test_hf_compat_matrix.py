@@ -273,3 +273,18 @@ def test_tokenizer_flags_are_what_it_does(tokenizer, exports):
     ids = hf_tokenizer("def f(x): return x").input_ids
     assert hf_tokenizer.add_bos_token and ids[0] == tokenizer.bos_id
     assert not hf_tokenizer.add_eos_token and ids[-1] != tokenizer.eos_id
+
+
+def test_unsupported_requests_are_refused_or_reported(tokenizer, exports):
+    _, out = exports(ALL)
+    hf = load(out)
+    ids = random_ids(tokenizer, 1, 6, seed=8)
+    with torch.no_grad():
+        assert hf(ids, output_attentions=True).attentions is None  # no attention matrix exists; logged once
+        with pytest.raises(ValueError, match="attention_mask must be 2-D"):
+            hf(ids, attention_mask=torch.ones(1, 1, 6, 6))
+        with pytest.raises(ValueError, match="cache must be an LctrainCache"):
+            hf(ids, cache=transformers.DynamicCache())
+        cache = hf(ids).cache
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(1)
