@@ -1,8 +1,9 @@
 """Training FLOPs per micro-batch on one GPU, by kernel family.
 
-  matmul     6 N per token (N: every weight a token passes through, as in `lctrain.models.flops`), + 2 N with
-             activation checkpointing (the recomputed forward), + 2 V d for the loss head, whose chunks are always
-             recomputed in backward
+  matmul     6 N per token (N: every weight a token passes through, as in `lctrain.models.flops`), + 2 N' with
+             activation checkpointing (the recomputed forward; N' leaves out each block's last projection, whose
+             output nothing saves, so the recomputation stops before it), + 2 V d for the loss head, whose chunks
+             are always recomputed in backward
   attention  causal softmax attention: 12 H hd per visible key (2 matmuls x 2 FLOPs x hd, x 3 for forward +
              backward); one document per sample, so a query at position t sees t + 1 keys (on average about T/2:
              `lctrain.models.flops`' 6 H hd T); + 1/3 with checkpointing
@@ -47,7 +48,8 @@ def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, c
     recompute = 4 / 3 if checkpointing else 1.0
     head = shape.vocab_size * shape.d_model
     layer_params = shape.matmul_params - head
-    matmul = tokens * (6 * layer_params * recompute + 8 * head)
+    recomputed = layer_params - len(shape.layers) * shape.d_model * shape.ffn_dim if checkpointing else 0
+    matmul = tokens * (6 * layer_params + 2 * recomputed + 8 * head)
     keys = visible_keys_per_query(seq_len, sp, layout, causal)
     attention = sum(tokens * 12 * layer.heads * layer.head_dim * keys for layer in shape.layers
                     if layer.type == "attn") * recompute
