@@ -47,25 +47,35 @@ def resolved_vocab(cfg) -> int:
 def model_shape(cfg) -> ModelShape:
     """Build `LanguageModel(cfg.model)` on the meta device and read its dimensions."""
     from lctrain.models import LanguageModel
-    from lctrain.models.flops import flops_per_token
     from lctrain.models.mixers import expand_pattern
 
-    types = expand_pattern(cfg.model.pattern, cfg.model.n_layers)
-    unsupported = sorted(set(types) - set(SUPPORTED))
-    if unsupported:
-        raise ConfigError(f"plan: model.pattern uses {', '.join(unsupported)}, which the planner does not model "
-                          f"(supported mixer types: {', '.join(SUPPORTED)})")
+    check_supported(expand_pattern(cfg.model.pattern, cfg.model.n_layers))
     model_cfg = dataclasses.replace(cfg.model, vocab_size=resolved_vocab(cfg), attn_plan="")
     with torch.device("meta"):
         model = LanguageModel(model_cfg)
+    return shape_of(model, cfg.data.seq_len)
+
+
+def check_supported(layer_types) -> None:
+    unsupported = sorted(set(layer_types) - set(SUPPORTED))
+    if unsupported:
+        raise ConfigError(f"plan: model.pattern uses {', '.join(unsupported)}, which the planner does not model "
+                          f"(supported mixer types: {', '.join(SUPPORTED)})")
+
+
+def shape_of(model, seq_len: int) -> ModelShape:
+    """Dimensions of a built `LanguageModel` (on any device)."""
+    from lctrain.models.flops import flops_per_token
+
+    check_supported(model.layer_types)
     layers = tuple(_layer(block) for block in model.layers)
-    matmul = model.num_parameters(exclude_embedding=True) + (model.embed.weight.numel() if model.lm_head is None
-                                                             else 0)
-    return ModelShape(d_model=model_cfg.d_model, ffn_dim=model.layers[0].mlp.up.out_features,
-                      vocab_size=model_cfg.vocab_size, n_params=model.num_parameters(), matmul_params=matmul,
-                      flops_per_token_causal=flops_per_token(model, cfg.data.seq_len), layers=layers,
+    head = model.embed.weight.numel() if model.lm_head is None else 0
+    return ModelShape(d_model=model.cfg.d_model, ffn_dim=model.layers[0].mlp.up.out_features,
+                      vocab_size=model.cfg.vocab_size, n_params=model.num_parameters(),
+                      matmul_params=model.num_parameters(exclude_embedding=True) + head,
+                      flops_per_token_causal=flops_per_token(model, seq_len), layers=layers,
                       block_params=max(layer.params for layer in layers),
-                      loss_chunk_tokens=model_cfg.loss_chunk_tokens)
+                      loss_chunk_tokens=model.cfg.loss_chunk_tokens)
 
 
 def _layer(block) -> LayerShape:
