@@ -81,13 +81,13 @@ def activation_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn:
     checkpointing), `recompute` (one block's full set during its backward when checkpointing), `head` (final norm
     and loss inputs), `inputs` (token ids, labels, positions)."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
-    per_layer = [tokens * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len) * elem
-                 + lasp2_state_bytes(layer, rows, sp, layout) for layer in shape.layers]
+    per_layer = [(tokens * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len) * elem
+                  + lasp2_state_bytes(layer, rows, sp, layout), count) for layer, count in shape.grouped()]
     if checkpointing:
         layers = len(shape.layers) * tokens * shape.d_model * elem
-        recompute = max(per_layer)
+        recompute = max(size for size, _ in per_layer)
     else:
-        layers, recompute = sum(per_layer), 0
+        layers, recompute = sum(size * count for size, count in per_layer), 0
     return {"layers": int(layers), "recompute": int(recompute), "head": int(tokens * (3 * shape.d_model + 1) * elem),
             "inputs": int(tokens * 3 * 8)}
 
@@ -98,7 +98,7 @@ def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str,
     show the rest is freed about as fast as it is allocated."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     widest = 0
-    for layer in shape.layers:
+    for layer, _ in shape.grouped():
         if layer.type == "attn":
             inputs = (layer.heads + 2 * layer.kv_heads) * layer.head_dim * elem
         elif layer.type in ("gdn", "linear"):

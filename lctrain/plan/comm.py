@@ -18,6 +18,8 @@ do its forward collectives. Gradient accumulation repeats everything per micro-b
 """
 from __future__ import annotations
 
+import functools
+
 from lctrain.parallel.sharding import chunk_ids_of
 from lctrain.plan.candidate import Candidate, Workload
 
@@ -32,6 +34,7 @@ def local_tokens(seq_len: int, sp: int, layout: str) -> tuple[int, int, int]:
     return chunk * len(chunk_ids_of(0, sp, layout)), chunk, num_chunks
 
 
+@functools.lru_cache(maxsize=4096)
 def _halo_messages(sp: int, layout: str, rank: int) -> int:
     """Halo messages this SP rank sends or receives in one direction (predecessor chunk on another rank)."""
     owner = {}
@@ -46,10 +49,11 @@ def _halo_messages(sp: int, layout: str, rank: int) -> int:
     return count
 
 
+@functools.lru_cache(maxsize=65536)
 def layer_bytes(layer, rows: int, seq_len: int, sp: int, layout: str, attn: str, elem: int,
                 checkpointing: bool, rank: int = 0) -> dict[str, int]:
     """Bytes `lctrain.parallel.comm` counts on SP rank `rank` for one forward + backward of one layer."""
-    out = dict.fromkeys(KINDS, 0)
+    out = dict.fromkeys(KINDS, 0)      # cached: callers must not modify the returned dict
     if sp == 1:
         return out
     w = sp
@@ -87,10 +91,10 @@ def layer_bytes(layer, rows: int, seq_len: int, sp: int, layout: str, attn: str,
 def sp_bytes_per_micro_step(shape, cand: Candidate, work: Workload, rank: int = 0) -> dict[str, int]:
     """Bytes per layer type on SP rank `rank` for one micro-batch, forward and backward, all layers."""
     total = dict.fromkeys(KINDS, 0)
-    for layer in shape.layers:
+    for layer, count in shape.grouped():
         for kind, value in layer_bytes(layer, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, cand.attn,
                                        work.dtype_bytes, cand.activation_checkpointing, rank).items():
-            total[kind] += value
+            total[kind] += count * value
     return total
 
 

@@ -51,7 +51,8 @@ def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, c
     recomputed = layer_params - len(shape.layers) * shape.d_model * shape.ffn_dim if checkpointing else 0
     matmul = tokens * (6 * layer_params + 2 * recomputed + 8 * head)
     keys = visible_keys_per_query(seq_len, sp, layout, causal)
-    attention = sum(tokens * 12 * layer.heads * layer.head_dim * keys for layer in shape.layers
+    attention = sum(count * tokens * 12 * layer.heads * layer.head_dim * keys for layer, count in shape.grouped()
                     if layer.type == "attn") * recompute
-    recurrent = sum(tokens * 3 * recurrent_flops_per_token(layer) for layer in shape.layers) * recompute
+    recurrent = sum(count * tokens * 3 * recurrent_flops_per_token(layer) for layer, count in shape.grouped()) \
+        * recompute
     return {"matmul": matmul, "attention": attention, "recurrent": recurrent}

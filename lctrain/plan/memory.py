@@ -65,7 +65,7 @@ def sp_buffer_bytes(shape, cand: Candidate, work: Workload) -> int:
     t_local = local_tokens(work.seq_len, w, cand.layout)[0]
     wide = max(e, 4)
     out = 0
-    for layer in shape.layers:
+    for layer, _ in shape.grouped():
         if layer.type != "attn":
             continue
         kv = rows * t_local * layer.kv_heads * 2 * layer.head_dim

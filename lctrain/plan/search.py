@@ -38,13 +38,13 @@ def rule_outs(shape, cand: Candidate, work: Workload) -> list[str]:
         reasons.append(f"tokens_per_step {work.tokens_per_step} is not a multiple of micro_batch x seq_len x dp "
                        f"= {per_micro}")
     if cand.sp > 1 and cand.attn == "ulysses":
-        bad = [(layer.heads, layer.kv_heads) for layer in shape.layers
+        bad = [(layer.heads, layer.kv_heads) for layer, _ in shape.grouped()
                if layer.type == "attn" and (layer.heads % cand.sp or layer.kv_heads % cand.sp)]
         if bad:
             reasons.append(f"ulysses needs heads ({bad[0][0]}) and kv heads ({bad[0][1]}) divisible by sp={cand.sp}")
     if cand.sp > 1:
         chunk = local_tokens(work.seq_len, cand.sp, cand.layout)[1]
-        widest = max((k - 1 for layer in shape.layers for _, k in layer.convs), default=0)
+        widest = max((k - 1 for layer, _ in shape.grouped() for _, k in layer.convs), default=0)
         if widest > chunk:
             reasons.append(f"conv halo of {widest} tokens exceeds the {chunk}-token chunk at sp={cand.sp}")
     return reasons

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,10 @@ class ModelShape:
     layers: tuple = field(default_factory=tuple)
     block_params: int = 0       # parameters of the largest block (FSDP's unsharded working set)
     loss_chunk_tokens: int = 2048
+    layer_groups: tuple = ()    # ((LayerShape, how many layers have it), ...): per-layer sums loop over these
+
+    def grouped(self):
+        return self.layer_groups or tuple((layer, 1) for layer in self.layers)
 
     def count(self, kind: str) -> int:
         return sum(1 for layer in self.layers if layer.type == kind)
@@ -75,7 +80,8 @@ def shape_of(model, seq_len: int) -> ModelShape:
                       matmul_params=model.num_parameters(exclude_embedding=True) + head,
                       flops_per_token_causal=flops_per_token(model, seq_len), layers=layers,
                       block_params=max(layer.params for layer in layers),
-                      loss_chunk_tokens=model.cfg.loss_chunk_tokens)
+                      loss_chunk_tokens=model.cfg.loss_chunk_tokens,
+                      layer_groups=tuple(Counter(layers).items()))
 
 
 def _layer(block) -> LayerShape:
