@@ -20,6 +20,13 @@ from lctrain.plan.activations import CHUNK
 from lctrain.plan.comm import local_tokens
 
 
+def model_flops_per_token(shape, seq_len: int) -> float:
+    """The MFU numerator of `lctrain.models.flops.flops_per_token` (6 N + 6 H hd T per attention layer), from the
+    shape at any length."""
+    return 6.0 * shape.matmul_params + sum(6.0 * count * layer.heads * layer.head_dim * seq_len
+                                           for layer, count in shape.grouped() if layer.type == "attn")
+
+
 def recurrent_flops_per_token(layer) -> float:
     """Forward FLOPs of the recurrent op per token (all heads)."""
     c, k, v = CHUNK, layer.key_dim, layer.value_dim

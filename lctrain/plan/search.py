@@ -7,6 +7,7 @@ import itertools
 from lctrain.config import ConfigError
 from lctrain.plan.candidate import ENGINES, Candidate, Workload, engine_of
 from lctrain.plan.comm import KINDS, dp_bytes_per_step, grad_accum, local_tokens, sp_bytes_per_step
+from lctrain.plan.compute import model_flops_per_token
 from lctrain.plan.gpus import GPU, GiB
 from lctrain.plan.memory import memory_breakdown
 from lctrain.plan.timing import step_time
@@ -64,7 +65,7 @@ def evaluate(shape, cand: Candidate, work: Workload, gpu: GPU, bucket_elements: 
     times = step_time(shape, cand, work, gpu)
     step = times["step_time_s"]
     tokens_per_s_total = work.tokens_per_step / step
-    mfu = shape.flops_per_token_causal * tokens_per_s_total / (cand.world * gpu.peak_flops)
+    mfu = model_flops_per_token(shape, work.seq_len) * tokens_per_s_total / (cand.world * gpu.peak_flops)
     return {**entry, "grad_accum": grad_accum(cand, work),
             "memory_gib": round(memory["total_gib"], 3),
             "comm_bytes_per_step": sp_bytes_per_step(shape, cand, work),
@@ -118,7 +119,7 @@ def plan(cfg, world: int, gpu: GPU, gpus_per_node: int = 8, shape=None) -> dict:
     return {"gpu": gpu.name, "gpus": world, "gpus_per_node": gpus_per_node,
             "efficiency": dict(gpu.efficiency), "efficiency_source": gpu.efficiency_source,
             "model": {"params": shape.n_params, "layers": [layer.type for layer in shape.layers],
-                      "flops_per_token": shape.flops_per_token_causal},
+                      "flops_per_token": model_flops_per_token(shape, work.seq_len)},
             "workload": dataclasses.asdict(work),
             "current": current, "best": best,
             "candidates": fitting + [e for e in entries if not e["fits"]],

@@ -31,7 +31,6 @@ class ModelShape:
     vocab_size: int
     n_params: int
     matmul_params: int          # weights a token passes through (flops.py): non-embedding + the LM head
-    flops_per_token_causal: float = 0.0   # lctrain.models.flops at the recipe's seq_len (the MFU numerator)
     layers: tuple = field(default_factory=tuple)
     block_params: int = 0       # parameters of the largest block (FSDP's unsharded working set)
     loss_chunk_tokens: int = 2048
@@ -58,7 +57,7 @@ def model_shape(cfg) -> ModelShape:
     model_cfg = dataclasses.replace(cfg.model, vocab_size=resolved_vocab(cfg), attn_plan="")
     with torch.device("meta"):
         model = LanguageModel(model_cfg)
-    return shape_of(model, cfg.data.seq_len)
+    return shape_of(model)
 
 
 def check_supported(layer_types) -> None:
@@ -68,17 +67,15 @@ def check_supported(layer_types) -> None:
                           f"(supported mixer types: {', '.join(SUPPORTED)})")
 
 
-def shape_of(model, seq_len: int) -> ModelShape:
+def shape_of(model) -> ModelShape:
     """Dimensions of a built `LanguageModel` (on any device)."""
-    from lctrain.models.flops import flops_per_token
-
     check_supported(model.layer_types)
     layers = tuple(_layer(block) for block in model.layers)
     head = model.embed.weight.numel() if model.lm_head is None else 0
     return ModelShape(d_model=model.cfg.d_model, ffn_dim=model.layers[0].mlp.up.out_features,
                       vocab_size=model.cfg.vocab_size, n_params=model.num_parameters(),
                       matmul_params=model.num_parameters(exclude_embedding=True) + head,
-                      flops_per_token_causal=flops_per_token(model, seq_len), layers=layers,
+                      layers=layers,
                       block_params=max(layer.params for layer in layers),
                       loss_chunk_tokens=model.cfg.loss_chunk_tokens,
                       layer_groups=tuple(Counter(layers).items()))

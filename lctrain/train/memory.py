@@ -24,7 +24,7 @@ def _planned(cfg, model) -> int:
     from lctrain.plan.shape import shape_of
     on_gpu = torch.cuda.is_available()
     elem = 4 if cfg.train.dtype == "float32" or (cfg.train.dtype == "auto" and not on_gpu) else 2
-    shape = shape_of(model, cfg.data.seq_len)
+    shape = shape_of(model)
     parts = activation_bytes(shape, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.parallel.sp,
                              cfg.parallel.layout, cfg.parallel.attn, elem, cfg.model.activation_checkpointing,
                              "triton" if on_gpu else "torch")

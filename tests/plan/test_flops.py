@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lctrain.config import load_config
 from lctrain.models import LanguageModel
-from lctrain.plan.compute import flops_per_micro_step
+from lctrain.models.flops import flops_per_token
+from lctrain.plan.compute import flops_per_micro_step, model_flops_per_token
 from lctrain.plan.shape import model_shape
 
 BASE = ["model.vocab_size=512", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=320",
@@ -40,3 +41,11 @@ def test_planned_flops_within_5_percent_of_flop_counter(name):
     # the matmul family alone is exact up to the small weights that are not matmuls (norm gains, conv taps)
     matmul_counted = counter.get_flop_counts()["Global"].get(torch.ops.aten.mm, 0)
     assert abs(planned["matmul"] / matmul_counted - 1) < 0.01, (planned["matmul"], matmul_counted)
+
+
+@pytest.mark.parametrize("seq_len", (512, 131072))
+def test_mfu_numerator_is_the_training_loops(seq_len):
+    """The plan's MFU uses the same FLOPs per token as the training loop's `mfu` metric, at any length."""
+    cfg = load_config(None, BASE + ["model.pattern=GGGA"])
+    model = LanguageModel(cfg.model)
+    assert model_flops_per_token(model_shape(cfg), seq_len) == pytest.approx(flops_per_token(model, seq_len))
