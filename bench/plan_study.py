@@ -80,13 +80,14 @@ def study_point(cfg_of, shape, gpus: int, seq_len: int, gpu) -> dict:
 
 
 def longest(cfg_of, shape, gpus: int, gpu, limit: int) -> dict:
-    """Longest power-of-two length (from 32K) at which some candidate fits."""
+    """Longest power-of-two length (from 32K, up to `limit`) at which some candidate fits; `at_limit` when the
+    search stopped at the limit rather than at a length that does not fit."""
     best, seq_len = None, 32 * K
     while seq_len <= limit:
         result = plan(cfg_of(seq_len, gpus), gpus, gpu, shape=shape)
         if result["best"] is None:
             break
-        best = {"seq_len": seq_len, **summary(result["best"])}
+        best = {"seq_len": seq_len, "at_limit": seq_len * 2 > limit, **summary(result["best"])}
         seq_len *= 2
     return best
 
@@ -136,7 +137,8 @@ def markdown(data: dict) -> str:
             if entry is None:
                 lines.append(f"| {gpus} | below 32K | | | | | | |")
                 continue
-            lines.append(f"| {gpus} | {entry['seq_len'] // K:,}K | {entry['dp']} x {entry['sp']} | "
+            lines.append(f"| {gpus} | {'>= ' if entry['at_limit'] else ''}{entry['seq_len'] // K:,}K | "
+                         f"{entry['dp']} x {entry['sp']} | "
                          f"{entry['attn'] if entry['sp'] > 1 else '-'} | {entry['engine']} | "
                          f"{'on' if entry['activation_checkpointing'] else 'off'} | {entry['memory_gib']:.1f} | "
                          f"{entry['tokens_per_s']:,.0f} |")
@@ -208,7 +210,7 @@ def main() -> None:
             for seq_len in lengths:
                 entry["points"].append(study_point(cfg_of, shape, gpus, seq_len, gpu))
                 progress.update()
-            entry["longest"][str(gpus)] = longest(cfg_of, shape, gpus, gpu, limit=(4 if args.quick else 64) * 1024 * K)
+            entry["longest"][str(gpus)] = longest(cfg_of, shape, gpus, gpu, limit=(4 if args.quick else 256) * 1024 * K)
             progress.update()
         data["models"].append(entry)
     progress.close()
