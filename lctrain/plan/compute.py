@@ -48,9 +48,12 @@ def visible_keys_per_query(seq_len: int, sp: int, layout: str, causal: bool = Tr
 
 
 def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, checkpointing: bool,
-                         causal: bool = True) -> dict[str, float]:
+                         causal: bool = True, sp_attention: str = "fused") -> dict[str, float]:
     """FLOPs of one micro-batch's forward + backward on the busiest GPU, by family. `causal=False` counts every
-    query-key pair (what `torch.utils.flop_counter` reports for a masked SDPA)."""
+    query-key pair (what `torch.utils.flop_counter` reports for a masked SDPA). With `sp_attention="blocks"` and
+    sp > 1 the attention runs as today's fp32 einsum blocks (family `sp_blocks`): every block pair with anything
+    visible is computed in full, which on the busiest rank is every key of the sequence (both layouts), and its
+    backward recomputes the probabilities: 2 matmuls forward + 5 backward = 14 H hd per query-key pair."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     recompute = 4 / 3 if checkpointing else 1.0
     head = shape.vocab_size * shape.d_model
@@ -62,4 +65,9 @@ def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, c
                     if layer.type == "attn") * recompute
     recurrent = sum(count * tokens * 3 * recurrent_flops_per_token(layer) for layer, count in shape.grouped()) \
         * recompute
-    return {"matmul": matmul, "attention": attention, "recurrent": recurrent}
+    blocks = 0.0
+    if sp > 1 and sp_attention == "blocks":
+        blocks = sum(count * tokens * 14 * layer.heads * layer.head_dim * seq_len for layer, count in shape.grouped()
+                     if layer.type == "attn") * (18 / 14 if checkpointing else 1.0)
+        attention = 0.0
+    return {"matmul": matmul, "attention": attention, "recurrent": recurrent, "sp_blocks": blocks}

@@ -57,8 +57,18 @@ def model_state_bytes(shape, cand: Candidate, work: Workload, bucket_elements: i
             "buckets": 2 * block * half + 4 * block, "weight_copies": 0}
 
 
+def sp_block_bytes(layer, rows: int, t_local: int, sp: int, attn: str) -> int:
+    """Working memory of one SP attention block pair in `attention_blocks` (fp32): scores / probabilities and,
+    in backward, their gradients — four `[B, H_blk, T_local, T_local]` tensors live at once (measured: 4.16-4.21
+    with the mask, `tests/plan/test_memory.py`) — plus the `[B, T_local, T_local]` bool mask. Ulysses' blocks hold
+    H / W heads."""
+    heads = layer.heads // sp if attn == "ulysses" else layer.heads
+    return 4 * rows * heads * t_local * t_local * 4 + rows * t_local * t_local
+
+
 def sp_buffer_bytes(shape, cand: Candidate, work: Workload) -> int:
-    """Largest transient communication buffer of one layer's backward (the saved ones are activations)."""
+    """Largest transient buffer of one layer's backward beyond its saved activations: communication buffers,
+    and with today's block attention the materialised block tensors."""
     if cand.sp == 1:
         return 0
     rows, w, e = cand.micro_batch_size, cand.sp, work.dtype_bytes
@@ -76,6 +86,8 @@ def sp_buffer_bytes(shape, cand: Candidate, work: Workload) -> int:
             size = 2 * kv * e + 2 * kv * wide             # the block in flight and the travelling dK/dV
         else:
             size = 2 * (q + kv) * e + 2 * q * wide        # packed all-to-all send/receive and the head outputs
+        if work.sp_attention == "blocks":
+            size += sp_block_bytes(layer, rows, t_local, w, cand.attn)
         out = max(out, size)
     return out
 

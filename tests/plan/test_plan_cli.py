@@ -118,3 +118,18 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_recipe_configuration_that_cannot_run_is_explained(capsys):
     assert main(["plan", "hybrid_3to1", "parallel.sp=3", "--gpus", "8"]) == 0
     assert "cannot run: sp=3 does not divide 8 GPUs" in capsys.readouterr().out
+
+
+def test_todays_block_attention_costs_what_a_fused_kernel_would_save(hybrid):
+    """Under SP, today's fp32 einsum blocks are slower and need more memory than a fused block kernel would."""
+    _, shape = hybrid
+    cand = Candidate(8, 8, "ring", "zigzag", "fsdp", True, 1)
+    blocks = Workload(seq_len=131072, tokens_per_step=131072, sp_attention="blocks")
+    fused = dataclasses.replace(blocks, sp_attention="fused")
+    gpu = GPUS["h100"]
+    from lctrain.plan.timing import step_time
+    assert step_time(shape, cand, blocks, gpu)["step_time_s"] > 3 * step_time(shape, cand, fused, gpu)["step_time_s"]
+    assert memory_breakdown(shape, cand, blocks)["sp_buffers"] > 10 * memory_breakdown(shape, cand, fused)["sp_buffers"]
+    # without SP nothing changes
+    single = Candidate(8, 1, "ring", "zigzag", "fsdp", True, 1)
+    assert step_time(shape, single, blocks, gpu) == step_time(shape, single, fused, gpu)
