@@ -13,10 +13,10 @@ def _gb(n: int) -> str:
     return f"{n / 1e6:,.0f}"
 
 
-def _row(entry: dict, mark: str) -> list[str]:
+def _row(entry: dict, mark: str, has_attn: bool = True) -> list[str]:
     comm = entry["comm_bytes_per_step"] or {}
     split = entry["sp"] > 1   # attention mode and layout only matter under sequence parallelism
-    return [f"{mark}{entry['dp']}", str(entry["sp"]), entry["attn"] if split else "-",
+    return [f"{mark}{entry['dp']}", str(entry["sp"]), entry["attn"] if split and has_attn else "-",
             entry["layout"] if split else "-", entry["engine"],
             "on" if entry["activation_checkpointing"] else "off", str(entry["micro_batch_size"]),
             str(entry.get("grad_accum", "-")), f"{entry['memory_gib']:.1f}", _gb(sum(comm.values())),
@@ -36,16 +36,17 @@ def _table(rows: list[list[str]]) -> str:
 def format_plan(result: dict, top: int = 15) -> str:
     best, current = result["best"], result["current"]
     fitting = [e for e in result["candidates"] if e["fits"]]
+    has_attn = "attn" in result["model"]["layers"]
     lines = [f"# plan: {result['gpus']} x {result['gpu']} ({result['gpus_per_node']} per node), "
-             f"{result['model']['params'] / 1e6:,.0f}M parameters, seq_len {result['workload']['seq_len']:,}, "
+             f"{result['model']['params'] / 1e6:,.1f}M parameters, seq_len {result['workload']['seq_len']:,}, "
              f"{result['workload']['tokens_per_step']:,} tokens per step; SP attention: "
              f"{result['workload']['sp_attention']}; efficiencies: {result['efficiency_source']}"]
     if fitting:
         rows = [list(COLUMNS)]
         for entry in fitting[:top]:
-            rows.append(_row(entry, "*" if _same(entry, best) else ">" if _same(entry, current) else " "))
+            rows.append(_row(entry, "*" if _same(entry, best) else ">" if _same(entry, current) else " ", has_attn))
         if not any(_same(e, current) for e in fitting[:top]) and current["fits"]:
-            rows.append(_row(current, ">"))
+            rows.append(_row(current, ">", has_attn))
         lines += [_table(rows), f"{len(fitting)} of {len(result['candidates'])} candidates fit; "
                   f"* best, > the recipe's configuration; SP MB/step: rank 0's linear + attn + conv traffic"]
     else:
