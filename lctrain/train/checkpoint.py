@@ -98,7 +98,7 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _shape_mismatch(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str | None:
     """The first parameter whose shape differs, as one phrase (and how many more differ)."""
     expected = model.state_dict()
-    differing = [n for n, t in tensors.items() if n in expected and tuple(t.shape) != tuple(expected[n].shape)]
+    differing = [n for n, t in expected.items() if n in tensors and tuple(t.shape) != tuple(tensors[n].shape)]
     if not differing:
         return None
     first = differing[0]

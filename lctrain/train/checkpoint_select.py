@@ -103,7 +103,11 @@ def select(root: Path, legacy_ok: Callable[[Path], str | None] = resumable_legac
             if problem is None and legacy_ok is resumable_legacy:
                 problem = trainer_json_problem(path)
             if problem is None:
-                return Selection(path, skipped, False, hint)
+                # directories without a manifest sort as oldest; one with a higher step is still worth a word
+                unfinished = [(p.name, f"no {MANIFEST} (the save did not finish, or it predates manifests)")
+                              for p in step_dirs(root) if not (p / MANIFEST).is_file() and
+                              int(p.name[5:]) > int(path.name[5:])]
+                return Selection(path, skipped + sorted(unfinished, reverse=True), False, hint)
         else:
             problem = legacy_ok(path)
             if problem is None:

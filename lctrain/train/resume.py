@@ -80,7 +80,12 @@ def _saved_config(path: Path) -> dict:
 
 
 def check_compatible(cfg, path: Path, tokenizer, run_dir: Path) -> None:
-    """Refuse, in one line, a resume whose model shape or tokenizer differ from the checkpoint's."""
+    """Refuse, in one line, a resume whose tokenizer or model shape differ from the checkpoint's (the tokenizer
+    first: a new tokenizer changes the vocabulary size too)."""
+    saved_tokenizer = run_dir / "tokenizer" / "tokenizer.model"
+    if saved_tokenizer.is_file() and saved_tokenizer.read_bytes() != tokenizer.model_proto:
+        raise ConfigError(f"data.tokenizer: this run's tokenizer differs from {saved_tokenizer}, which the "
+                          f"checkpoints were trained with; resume with the same tokenizer or use another run.dir")
     from lctrain.export.run_files import SHAPE_KEYS
     saved = _saved_config(path).get("model") or {}
     for key in SHAPE_KEYS:
@@ -88,10 +93,6 @@ def check_compatible(cfg, path: Path, tokenizer, run_dir: Path) -> None:
             raise ConfigError(f"model.{key}: {getattr(cfg.model, key)!r} differs from {saved[key]!r} in {path}; the "
                               "model shape cannot change on resume (use another run.dir, with checkpoint.init_from "
                               "for the weights)")
-    saved_tokenizer = run_dir / "tokenizer" / "tokenizer.model"
-    if saved_tokenizer.is_file() and saved_tokenizer.read_bytes() != tokenizer.model_proto:
-        raise ConfigError(f"data.tokenizer: this run's tokenizer differs from {saved_tokenizer}, which the "
-                          f"checkpoints were trained with; resume with the same tokenizer or use another run.dir")
 
 
 def _show(value) -> str:
