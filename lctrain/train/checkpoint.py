@@ -159,7 +159,8 @@ def _all_ranks_ok(ok: bool, world_size: int) -> bool:
     import torch.distributed as dist
     if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

@@ -23,8 +23,8 @@ from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distribute
 from lctrain.train.memory import activation_memory_estimate
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
 from lctrain.train.engine import build_engine
-from lctrain.train.resume import apply_recipe, check_compatible, choose_checkpoint, fresh_start_note, recipe_changes, \
-    take_run_lock
+from lctrain.train.resume import (apply_recipe, check_compatible, choose_checkpoint, fresh_start_note,
+                                  recipe_changes, set_aside_old_metrics, take_run_lock)
 from lctrain.train.errors import TrainingAborted
 from lctrain.train.signals import StopRequest, agree_on_stop
 from lctrain.train.watchdog import RankWatch, is_collective_error
@@ -192,6 +192,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self.data.tokenizer.save(self.run_dir / "tokenizer")  # the run dir alone is enough to export/load
             print(self.summary(), flush=True)
+            if latest is None:
+                notes += [n for n in [set_aside_old_metrics(self.run_dir)] if n]
             for line in notes:
                 print(line, flush=True)
             if latest is not None:
@@ -215,8 +217,15 @@ class Trainer:
         def save(at_step: int) -> None:
             trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                              "scheduler": engine.scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
-            path = engine.save(ckpt, at_step, trainer_state, self.data.train.state_dict(), cfg.to_yaml(),
-                               lambda: barrier(env))
+            if watch is not None:
+                watch.paused = True  # a large save may outlast the hang deadline; its collectives stay bounded
+            try:
+                path = engine.save(ckpt, at_step, trainer_state, self.data.train.state_dict(), cfg.to_yaml(),
+                                   lambda: barrier(env))
+            finally:
+                if watch is not None:
+                    watch.paused = False
+                    watch.progress(at_step, 2)
             if self.main:
                 progress.write(f"saved {path}")
 

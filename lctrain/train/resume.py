@@ -124,3 +124,15 @@ def apply_recipe(optimizer, scheduler, train_cfg) -> None:
     for group, factor in zip(optimizer.param_groups, factors):
         group["lr"] = train_cfg.lr * factor
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def set_aside_old_metrics(run_dir: Path) -> str | None:
+    """A fresh start in a run dir that already logged steps (killed before its first checkpoint, or
+    checkpoint.resume=false): keep the old lines under another name instead of mixing two runs' steps."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    import time
+    aside = run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.jsonl"
+    path.rename(aside)
+    return f"starting from step 0: the earlier {path.name} was moved to {aside.name}"

@@ -396,3 +396,25 @@ def test_no_checkpoint_during_a_nonfinite_streak(tmp_path, cache_dir, monkeypatc
     assert t.run() == 0
     saved = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert saved == [1, 2, 5, 6]
+
+
+def test_changed_data_is_refused_unless_reset_data(tmp_path, cache_dir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    trainer(run, cache_dir, monkeypatch, "train.steps=2").run()
+    with pytest.raises(ConfigError, match="train.seed: 7 differs from the checkpoint's 0"):
+        trainer(run, cache_dir, monkeypatch, "train.steps=3", "train.seed=7").run()
+    assert max(train_losses(run)) == 2
+    capsys.readouterr()
+    trainer(run, cache_dir, monkeypatch, "train.steps=3", "train.seed=7", "checkpoint.reset_data=true").run()
+    assert "checkpoint.reset_data=true: the data starts again from its beginning" in capsys.readouterr().out
+    assert sorted(train_losses(run)) == [1, 2, 3]
+
+
+def test_fresh_start_keeps_earlier_metrics_aside(tmp_path, cache_dir, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')  # no checkpoint
+    trainer(run, cache_dir, monkeypatch, "train.steps=2").run()
+    assert "the earlier metrics.jsonl was moved to metrics.before-" in capsys.readouterr().out
+    assert sorted(train_losses(run)) == [1, 2] and train_losses(run)[1] != 9.0
+    assert len(list(run.glob("metrics.before-*.jsonl"))) == 1
