@@ -146,7 +146,7 @@ def worker_pid(parent: int, rank: int) -> int:
 def kill9(b: Bench) -> dict:
     run = b.fresh("kill9")
     rng = random.Random(0)
-    kills = 0
+    kills = mid_save = 0
     for _ in range(4):
         done = max(b.losses(run), default=0)
         proc = b.start(run, *RECIPE, "checkpoint.interval=1")
@@ -160,10 +160,11 @@ def kill9(b: Bench) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
+        mid_save += bool(list((run / "checkpoints").glob(".tmp-*")))  # a partial save was left behind
     t0 = time.time()
     final = b.run(run, *RECIPE, "checkpoint.interval=1")
     leftovers = list((run / "checkpoints").glob(".tmp-*"))
-    return dict(fault=f"kill -9 at random moments ({kills}x, checkpoint every step)",
+    return dict(fault=f"kill -9 at random moments ({kills}x, {mid_save} of them mid-save; checkpoint every step)",
                 expected="resume from the newest verified checkpoint; no temp dirs left",
                 observed=f"exit {final.returncode}; {said(final, 'resumed from', 'skipped')}; temp dirs left: "
                          f"{len(leftovers)}",

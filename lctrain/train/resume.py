@@ -45,6 +45,8 @@ def take_run_lock(run_dir: Path, env, log=print) -> tuple[RunLock | None, str]:
             lock = RunLock(run_dir).acquire(log=log)
         except RunDirBusy as exc:
             error = exc
+        except OSError as exc:  # e.g. a read-only or missing parent directory: every rank must hear of it
+            error = ConfigError(f"run.dir: cannot take the lock in {run_dir}: {exc.strerror or exc}")
     token = f"{lock.record['host']}-{lock.record['pid']}" if lock is not None else None
     token = _share(env, token, error)
     return lock, "".join(c if c.isalnum() or c in "-_." else "_" for c in token)
@@ -58,6 +60,8 @@ def choose_checkpoint(ckpt: CheckpointManager, env, resume: bool) -> Selection:
             chosen = ckpt.select() if resume else Selection(None)
         except CheckpointError as exc:
             error = exc
+        except OSError as exc:
+            error = CheckpointError(f"cannot read the checkpoints in {ckpt.root}: {exc.strerror or exc}")
     chosen = _share(env, chosen, error)
     ckpt.resumed_from = chosen.path
     ckpt.known_bad = {name for name, _ in chosen.skipped}

@@ -26,7 +26,7 @@ def heartbeat_interval(timeout_s: float) -> float:
 
 
 def grace_period(timeout_s: float) -> float:
-    return max(5.0, min(60.0, timeout_s / 2))
+    return max(2.0, min(60.0, timeout_s / 2))
 
 
 def behind(beats: dict[int, tuple[int, int, float] | None], world: int, now: float, stale_after: float) -> list[int]:

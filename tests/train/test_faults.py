@@ -7,6 +7,7 @@ Multi-process and kill cases are in test_faults_processes.py (slow).
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -418,3 +419,17 @@ def test_fresh_start_keeps_earlier_metrics_aside(tmp_path, cache_dir, monkeypatc
     assert "the earlier metrics.jsonl was moved to metrics.before-" in capsys.readouterr().out
     assert sorted(train_losses(run)) == [1, 2] and train_losses(run)[1] != 9.0
     assert len(list(run.glob("metrics.before-*.jsonl"))) == 1
+
+
+def test_a_rank_that_makes_no_progress_ends_itself_with_one_line():
+    import subprocess
+    import sys
+    script = ("import time\nfrom lctrain.train.watchdog import RankWatch\n"
+              "RankWatch(1, 2, timeout_s=0.5, store=None).start().progress(6)\ntime.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr
+    # the stall it reports is measured in the process: the timeout plus the grace, give or take a heartbeat
+    assert re.fullmatch(r"error: training aborted: rank 1 made no progress for [2-5] s at step 7 "
+                        r"\(parallel.timeout_s=0.5 plus 2 s grace\): no rank is known to be missing",
+                        proc.stderr.strip()), proc.stderr
