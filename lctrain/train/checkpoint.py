@@ -339,6 +339,9 @@ def _weights_in(directory: Path) -> Path:
         directory / "model.safetensors"
 
 
+_SAID: set[str] = set()
+
+
 def resolve_weights(path: str | os.PathLike) -> Path:
     """A run directory, a checkpoints dir, a checkpoint dir or a .safetensors file -> the weights file
     (`adapter.safetensors` for a LoRA run: `load_weights` merges it with its base). For a run or checkpoints dir
@@ -349,8 +352,11 @@ def resolve_weights(path: str | os.PathLike) -> Path:
     for root in (p / "checkpoints", p):
         if step_dirs(root) or (root / LATEST).exists():
             chosen = select(root, legacy_ok=weights_legacy)
-            for line in chosen.notes():
-                print(f"note: {line}", file=sys.stderr, flush=True)
+            for name, why in chosen.skipped:  # a fallback is said once per process, however often it is resolved
+                line = f"note: checkpoint {root / name} skipped: {why}; using {chosen.path.name}"
+                if line not in _SAID:
+                    _SAID.add(line)
+                    print(line, file=sys.stderr, flush=True)
             return _weights_in(chosen.path)
     if (p / "model.safetensors").is_file() or (p / "adapter.safetensors").is_file():
         return _weights_in(p)
