@@ -268,8 +268,9 @@ def concurrent(b: Bench) -> dict:
 
 def stale_lock(b: Bench) -> dict:
     run = _stopped_at_4(b, "stale_lock")
-    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 4321, "start_time": time.time() - 600,
-                                           "heartbeat": time.time() - 20}))
+    holder = {"host": socket.gethostname(), "pid": 2**22 + 4321, "start_time": time.time() - 600,
+              "heartbeat": time.time() - 20}  # a killed job's lock: its pid is gone
+    (run / ".lock").write_text(json.dumps(holder))
     t0 = time.time()
     proc = b.run(run, *RECIPE)
     return dict(fault="stale lock (holder killed, pid gone)", expected="taken over with a message",
