@@ -252,18 +252,26 @@ def disk_full(b: Bench) -> dict:
 
 
 def concurrent(b: Bench) -> dict:
-    run = b.fresh("concurrent")
-    first = b.start(run, *RECIPE, "checkpoint.interval=1")
+    """A requeued job starting while the old one still runs. The first run is long (constant lr, so its losses do
+    not depend on train.steps) and stopped with SIGTERM once the second has been refused."""
+    run, reference = b.fresh("concurrent"), b.fresh("concurrent-reference")
+    constant = ["train.schedule=constant", "checkpoint.interval=1"]
+    b.run(reference, "train.steps=6", *constant)
+    first = b.start(run, "train.steps=100000", *constant)
     wait_for_step(run, 1, first)
     t0 = time.time()
-    second = b.run(run, *RECIPE)
+    second = b.run(run, "train.steps=100000", *constant)
     seconds = time.time() - t0
-    out, err = first.communicate(timeout=300)
+    wait_for_step(run, 6, first)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=300)
     lines = [x for x in second.stderr.splitlines() if x.strip()]
+    ours, want = b.losses(run), b.losses(reference)
+    same = "yes" if want and {k: ours.get(k) for k in want} == want else "no"
     return dict(fault="a second run on the same run dir", expected="second exits 2 naming the holder; first "
                 "unaffected", observed=f"second exit {second.returncode}; {lines[-1][:200] if lines else ''}; "
-                f"first exit {first.returncode}", ok=second.returncode == 2 and len(lines) == 1 and
-                first.returncode == 0, seconds=seconds, identical=b.identical(run))
+                f"first exit {first.returncode} after SIGTERM", ok=second.returncode == 2 and len(lines) == 1 and
+                first.returncode == 0, seconds=seconds, identical=same)
 
 
 def stale_lock(b: Bench) -> dict:

@@ -35,7 +35,7 @@ from lctrain.config import ConfigError
 from lctrain.train.checkpoint_select import (LATEST, CheckpointError, Selection, latest_hint, newest_first, select,
                                              step_dirs, trainer_json_problem, weights_legacy, write_order)
 from lctrain.train.errors import CheckpointSaveError
-from lctrain.train.manifest import verify, write_manifest
+from lctrain.train.manifest import write_manifest
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lctrain.config import Config, ConfigError
 from lctrain.models import LanguageModel

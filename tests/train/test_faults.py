@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lctrain.config import ConfigError, load_config
 from lctrain.train.checkpoint import CheckpointManager, describe_write_error, load_model_weights, resolve_weights
