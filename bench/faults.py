@@ -416,6 +416,7 @@ def main() -> int:
                 row = dict(fault=name, expected="", observed=f"bench error: {type(exc).__name__}: {exc}"[:300],
                            ok=False, identical="n/a", seconds=0.0)
             row["name"] = name
+            row["observed"] = row["observed"].replace(str(bench.work), "<tmp>")  # no host paths in the results
             rows.append(row)
             print(f"    {'ok' if row['ok'] else 'NOT OK' if row['ok'] is False else 'skipped'}: {row['observed']}",
                   flush=True)
