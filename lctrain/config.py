@@ -82,6 +82,9 @@ class DataConfig:
     max_documents: int = 0  # 0: all; otherwise the first N documents of each source (quick experiments)
     batching: Literal["mixed", "per_source"] = "mixed"  # per_source: each step from one source, by weight
     cache_dir: str = ""  # tokenised data and trained tokenizers; empty: $LCTRAIN_CACHE or ~/.cache/lctrain
+    eval_sources: list = field(default_factory=list)  # explicit validation set (as `sources`); replaces eval_fraction
+    num_workers: int = 0  # tokenising processes per rank; 0: the cores available to this rank
+    on_bad_record: Literal["error", "skip"] = "error"  # skip: bad records are skipped and counted
 
 
 @dataclass
@@ -383,6 +386,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
         _set_dotted(tree, key, _parse_scalar(text))
     cfg = _build(Config, tree, "")
     cfg.data.sources = [_coerce(s, SourceConfig, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
+    cfg.data.eval_sources = [_coerce(s, SourceConfig, f"data.eval_sources[{i}]")
+                             for i, s in enumerate(cfg.data.eval_sources)]
     if path is not None:
         stem = Path(path).stem
         cfg.run.name = cfg.run.name or stem
@@ -420,6 +425,13 @@ def validate(cfg: Config) -> None:
             _validate_synthetic(src, f"data.sources[{i}]", cfg.data.seq_len)
     if not cfg.data.sources:
         raise ConfigError("data.sources: empty; expected at least one source")
+    for i, src in enumerate(cfg.data.eval_sources):
+        if src.type not in ("stdlib",) + SYNTHETIC_SOURCES and not src.path:
+            raise ConfigError(f"data.eval_sources[{i}].path: empty; a {src.type!r} source needs a file, directory "
+                              "or glob")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: {cfg.data.num_workers} is not allowed; expected 0 (the cores "
+                          "available) or a positive number of processes")
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:

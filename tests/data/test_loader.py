@@ -9,7 +9,7 @@ import torch
 from lctrain.config import ConfigError
 from lctrain.data import build_data
 from lctrain.data import tokenizer as tok_mod
-from lctrain.data.sources import Source
+from lctrain.data.shards import Shard
 from lctrain.data.tokenizer import Tokenizer
 from lctrain.models.context import cu_seqlens_from_positions
 from tests.data.textgen import random_text
@@ -53,17 +53,18 @@ def same_batches(a, b):
 def test_first_build_tokenises_and_later_builds_only_read_the_cache(cfg_for, corpus, monkeypatch, capfd):
     cfg = cfg_for()
     first = build_data(cfg, 0, 1, progress=True)
-    assert "tokenising data.sources[0]" in capfd.readouterr().err
+    assert "tokenising" in capfd.readouterr().err
     assert first.tokens_per_window == cfg.data.seq_len == 32
-    entries = sorted(p.name for p in (corpus / "cache" / "tokens").iterdir())
-    assert len([e for e in entries if not e.endswith(".lock")]) == 2 and not any(".tmp-" in e for e in entries)
+    entries = sorted(p.name for p in (corpus / "cache" / "shards").iterdir())
+    shards = [e for e in entries if not e.endswith(".lock")]
+    assert len(shards) == first.plan["shards"] >= 2 and not any(".tmp-" in e for e in entries)
     expected = take(first.train, 3)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the cache should have been used")
     monkeypatch.setattr(Tokenizer, "encode_batch", forbidden)
     monkeypatch.setattr(tok_mod, "train_tokenizer", forbidden)
-    monkeypatch.setattr(Source, "dataset", forbidden)  # not even the source files are read again
+    monkeypatch.setattr(Shard, "read", forbidden)  # not even the source files are read again
     second = build_data(cfg, 0, 1, progress=False)
     assert capfd.readouterr().err == ""
     assert same_batches(take(second.train, 3), expected)
@@ -179,6 +180,6 @@ def test_stdlib_default_source_builds(make_cfg):
     data = build_data(make_cfg([{"type": "stdlib"}], "data.max_documents=4", "data.vocab_size=400",
                                "data.tokenizer_sample_chars=30000"), 0, 1, progress=False)
     meta = data.tokens[0].meta
-    assert meta["source_type"] == "stdlib" and meta["train_docs"] + meta["eval_docs"] == 4
+    assert meta["source"] == "data.sources[0]" and meta["train_docs"] + meta["eval_docs"] == 4
     text = data.tokenizer.decode(next(data.train)["input_ids"][0].tolist())
     assert text.strip()
