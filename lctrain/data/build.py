@@ -74,21 +74,32 @@ def prepare_shards(sources: list, tokenizer, cache_dir: Path, on_bad: str, worke
             "bytes": sum(s.size for s in all_shards), "workers": workers}
     if not tokenize:
         return keys, plan
-    limited = [src for src in sources if src.max_documents]
-    for src in limited:  # only the shards the first max_documents documents need
-        wanted, have = [], 0
-        for start in range(0, len(keys[src.key]), workers):
-            batch = list(range(start, min(start + workers, len(keys[src.key]))))
-            build_missing([shards_of[src.key][i] for i in batch], [keys[src.key][i] for i in batch], root,
-                          tokenizer, on_bad, rank, world, workers, progress, only_mine)
+    # A file source with max_documents needs only its first shards: build them in growing waves, in order, until
+    # they hold enough documents (stdlib plans only the files it needs).
+    limited = [src for src in sources if src.max_documents and src.config.type != "stdlib"]
+    totals = {"missing": 0, "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": []}
+
+    def build(shards, shard_keys):
+        result = build_missing(shards, shard_keys, root, tokenizer, on_bad, rank, world, workers, progress,
+                               only_mine)
+        for name, value in result.items():
+            totals[name] += value
+
+    for src in limited:
+        wanted, have, size = [], 0, workers
+        while len(wanted) < len(keys[src.key]) and have < src.max_documents:
+            batch = list(range(len(wanted), min(len(wanted) + size, len(keys[src.key]))))
+            build([shards_of[src.key][i] for i in batch], [keys[src.key][i] for i in batch])
+            if only_mine and not all((root / keys[src.key][i]).is_dir() for i in batch):
+                wanted = list(range(len(keys[src.key])))  # another share builds the rest: keep them all
+                break
             wanted.extend(batch)
             have += sum(shard_cache.ShardEntry(root / keys[src.key][i]).meta["docs"] for i in batch)
-            if have >= src.max_documents:
-                break
+            size *= 2
         keys[src.key] = [keys[src.key][i] for i in wanted]
-    rest = [src for src in sources if not src.max_documents]
-    stats = build_missing([s for src in rest for s in shards_of[src.key]], [k for src in rest for k in keys[src.key]],
-                          root, tokenizer, on_bad, rank, world, workers, progress, only_mine)
+    rest = [src for src in sources if src not in limited]
+    build([s for src in rest for s in shards_of[src.key]], [k for src in rest for k in keys[src.key]])
+    stats = totals
     plan["build"] = stats
     return keys, plan
 
