@@ -1,7 +1,7 @@
 """Tokenising the missing shards: in parallel worker processes on every rank, shared out across ranks.
 
-Each rank (a process of the job, on any node) takes the missing shards in its own order: first its share (the
-shards are dealt largest first to the least loaded rank, so every rank computes the same deal), then everybody
+Each rank (a process of the job, on any node) takes the missing shards in its own order: first its share (all
+shards are dealt largest first to the least loaded rank: every rank computes the same deal), then everybody
 else's, trying each shard's lock without waiting. A shard whose lock is held is being built elsewhere; it is
 retried at the end, this time waiting for the lock, and found built (or, if its builder died, built here). So
 ranks that finish early help the slow ones, a dead rank's share is still done, and no collective is needed:
@@ -84,9 +84,10 @@ def build_missing(shards: list, keys: list[str], root: Path, tokenizer, on_bad: 
     stats = {"missing": len(missing), "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": []}
     if not missing:
         return stats
-    owner = deal([shards[i].size for i in missing], world)
-    mine = [i for i, o in zip(missing, owner) if o == rank]
-    others = [] if only_mine else [i for i, o in zip(missing, owner) if o != rank]
+    # Dealt over all shards, not the missing ones: a share is the same whatever other shares finished already.
+    owner = deal([shard.size for shard in shards], world)
+    mine = [i for i in missing if owner[i] == rank]
+    others = [] if only_mine else [i for i in missing if owner[i] != rank]
     # Others' shards from a rank-dependent starting point, so idle ranks do not all queue on the same lock.
     if others:
         turn = (rank * len(others)) // max(world, 1)

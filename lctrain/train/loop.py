@@ -170,7 +170,15 @@ class Trainer:
         step, tokens_seen, skipped = 0, 0, 0
         latest = ckpt.latest() if cfg.checkpoint.resume else None
         if latest is not None:
-            state, data_state = engine.load(ckpt, latest)
+            from lctrain.train.elastic import load_resized, saved_world_size
+            saved_world = saved_world_size(latest)
+            if saved_world not in (None, lay.world):  # the data position is global: another world size continues it
+                state, data_state = load_resized(latest, engine, env.rank, lay.world)
+                if self.main:
+                    print(f"resuming {latest} (written by {saved_world} processes) on {lay.world}: the data "
+                          "continues from the saved global position", flush=True)
+            else:
+                state, data_state = engine.load(ckpt, latest)
             engine.scheduler.load_state_dict(state["scheduler"])
             self.data.train.load_state_dict(data_state)
             step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
