@@ -149,7 +149,7 @@ def _character_coverage(lines: list[str], max_chars: int) -> float:
     return max(0.98, (below + frequencies[max_chars - 1] / 2) / total)
 
 
-def sample_lines(sources, total_chars: int) -> Iterator[str]:
+def sample_lines(sources, total_chars: int, on_bad: str = "error") -> Iterator[str]:
     """The tokenizer's training text: per source a weight-proportional character budget (`Source.sample_texts`:
     shards in content-hash order; a synthetic source's fixed texts), split into non-empty lines of at most
     `_MAX_LINE_CHARS` characters."""
@@ -159,7 +159,7 @@ def sample_lines(sources, total_chars: int) -> Iterator[str]:
         if hasattr(source, "tokenizer_texts"):
             texts = _capped(source.tokenizer_texts(), budget)
         else:
-            texts = source.sample_texts(budget)
+            texts = source.sample_texts(budget, on_bad)
         for text in texts:
             for line in text.split("\n"):
                 for cut in range(0, len(line), _MAX_LINE_CHARS):
@@ -210,7 +210,7 @@ def get_tokenizer(data_cfg, sources, cache_dir: Path) -> Tokenizer:
     memo = root / "by-sources" / _sources_key(sources, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
     if memo.is_file() and (root / memo.read_text().strip() / MODEL_FILE).is_file():
         return Tokenizer.load(root / memo.read_text().strip())
-    lines = list(sample_lines(sources, data_cfg.tokenizer_sample_chars))
+    lines = list(sample_lines(sources, data_cfg.tokenizer_sample_chars, data_cfg.on_bad_record))
     key = tokenizer_cache_key(lines, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
 
     def build(directory: Path) -> None:
