@@ -183,3 +183,22 @@ def test_stdlib_default_source_builds(make_cfg):
     assert meta["source"] == "data.sources[0]" and meta["train_docs"] + meta["eval_docs"] == 4
     text = data.tokenizer.decode(next(data.train)["input_ids"][0].tolist())
     assert text.strip()
+
+
+def test_next_epoch_is_prepared_ahead_and_gives_the_same_batches(cfg_for, monkeypatch):
+    from lctrain.data.loader import TrainLoader
+
+    ahead = build_data(cfg_for(), 0, 1, progress=False).train
+    epoch_windows = len(ahead.stream(0))
+    started = []
+    for _ in range(epoch_windows // ahead.micro_batch_size + 1):
+        next(ahead)
+        if ahead._ahead is not None or 1 in ahead._streams:
+            started.append(ahead.position)
+    assert started and started[0] < epoch_windows  # begun before the boundary was reached
+    ahead_batches = take(ahead, 2 * epoch_windows // ahead.micro_batch_size)
+
+    monkeypatch.setattr(TrainLoader, "_prepare_next", lambda self: None)
+    plain = build_data(cfg_for(), 0, 1, progress=False).train
+    take(plain, epoch_windows // plain.micro_batch_size + 1)
+    assert same_batches(take(plain, 2 * epoch_windows // plain.micro_batch_size), ahead_batches)

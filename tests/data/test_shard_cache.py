@@ -183,3 +183,27 @@ def test_prepare_command_builds_shares(tmp_path, jsonl_cfg):
     assert len(shard_entries(cfg)) == 4
     assert built(build_data(cfg, progress=False)) == 0
     assert main(["prepare", str(recipe), "--shard", "2/2"]) == 2
+
+
+def test_a_big_jsonl_file_is_cut_into_pieces_at_line_ends(tmp_path, monkeypatch):
+    from lctrain.config import SourceConfig
+    from lctrain.data import shards as shards_mod
+    from lctrain.data.sources import Source
+
+    rows = [json.dumps({"text": f"row {i} " + "x" * (i % 50)}) for i in range(300)]
+    rows[257] = "{broken"
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(shards_mod, "SHARD_BYTES", 2000)
+    monkeypatch.setattr(shards_mod, "_ALIGN_SCAN", 16)  # also exercises lines longer than the scan window
+    src = Source(SourceConfig(type="jsonl", path=str(path)), 0, 0, tmp_path / "cache")
+    pieces = src.shards()
+    assert len(pieces) > 5
+    assert pieces[0].start == 0 and pieces[-1].end == path.stat().st_size
+    assert all(a.end == b.start for a, b in zip(pieces, pieces[1:]))
+    data = path.read_bytes()
+    assert all(data[p.end - 1:p.end] == b"\n" for p in pieces)
+    texts = list(src.iter_texts(on_bad="skip"))
+    assert texts == [json.loads(r)["text"] for i, r in enumerate(rows) if i != 257]
+    with pytest.raises(BadRecord, match=r"big\.jsonl:258: not JSON"):
+        list(src.iter_texts())
