@@ -58,8 +58,12 @@ SYNTHETIC_SOURCES = ("mqar", "passkey")  # generated from a seed (lctrain.data.s
 
 @dataclass
 class SourceConfig:
-    type: Literal["text", "jsonl", "parquet", "stdlib", "mqar", "passkey"] = "text"
-    path: str = ""  # file, directory or glob (unused for `stdlib` and the synthetic types)
+    type: Literal["text", "jsonl", "parquet", "stdlib", "mqar", "passkey", "hf"] = "text"
+    path: str = ""  # file, directory or glob (unused for `stdlib`, `hf` and the synthetic types)
+    # `hf` only: a Hugging Face dataset by name (local cache) or a `save_to_disk` directory, through `datasets`
+    name: str = ""
+    config: str = ""  # the dataset's configuration (subset) name
+    split: str = "train"
     field: str = "text"  # jsonl/parquet column holding the document
     weight: float = 1.0  # mixture weight across sources
     # Synthetic types only (`mqar`, `passkey`):
@@ -416,8 +420,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("model.pattern: empty; expected layer letters like 'GGGA' or a list of mixer names")
     elif not m.pattern or not all(isinstance(p, str) and p for p in m.pattern):
         raise ConfigError(f"model.pattern: {m.pattern!r}; expected a string of layer letters or a list of names")
+    for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
+        if src.type == "hf" and not src.name:
+            raise ConfigError(f"{_source_key(cfg, i)}.name: empty; an 'hf' source needs a dataset name or a "
+                              "save_to_disk directory")
     for i, src in enumerate(cfg.data.sources):
-        if src.type not in ("stdlib",) + SYNTHETIC_SOURCES and not src.path:
+        if src.type not in ("stdlib", "hf") + SYNTHETIC_SOURCES and not src.path:
             raise ConfigError(f"data.sources[{i}].path: empty; a {src.type!r} source needs a file, directory or glob")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: {src.weight!r} is not allowed; expected a positive number")
@@ -426,7 +434,7 @@ def validate(cfg: Config) -> None:
     if not cfg.data.sources:
         raise ConfigError("data.sources: empty; expected at least one source")
     for i, src in enumerate(cfg.data.eval_sources):
-        if src.type not in ("stdlib",) + SYNTHETIC_SOURCES and not src.path:
+        if src.type not in ("stdlib", "hf") + SYNTHETIC_SOURCES and not src.path:
             raise ConfigError(f"data.eval_sources[{i}].path: empty; a {src.type!r} source needs a file, directory "
                               "or glob")
     if cfg.data.num_workers < 0:
@@ -445,6 +453,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.attn: 'ulysses' shards heads, but model.n_heads={m.n_heads} / n_kv_heads={kv} "
                           f"are not divisible by parallel.sp={sp}; use 'allgather' or 'ring'")
     # seq_len need not divide by sp: the sharder pads with masked tokens
+
+
+def _source_key(cfg: Config, i: int) -> str:
+    n = len(cfg.data.sources)
+    return f"data.sources[{i}]" if i < n else f"data.eval_sources[{i - n}]"
 
 
 def _validate_synthetic(src: SourceConfig, key: str, seq_len: int) -> None:

@@ -4,7 +4,8 @@ A shard is the unit of tokenisation and caching:
 - a `jsonl` or `parquet` file; a plain `jsonl` file larger than `SHARD_BYTES` is cut into pieces of about that
   size at line ends (compressed files are one shard each: they cannot be entered in the middle);
 - a group of small `text` files (each one document), or a piece of a large text file cut at a blank line;
-- a group of standard-library files (`stdlib`).
+- a group of standard-library files (`stdlib`);
+- a range of rows of a Hugging Face dataset (`hf`, see `hf_source`).
 Groups of small files end after a file whose *name* hashes to 0 mod `GROUP_FILES` (or at `SHARD_BYTES`), so adding
 or removing a file changes only the group it falls in, not every group after it.
 
@@ -47,16 +48,18 @@ class Shard:
     first_line: int = 1  # line number of `start`, for messages
     whole_file: bool = True  # text: each file is one document (False: cut at blank lines)
     size: int = 0  # bytes, for balancing and progress
-    content: str = ""  # content hash, set by `hash_shards`
+    content: str = ""  # content hash, set by `hash_shards` (by planning for `hf`)
+    hf: tuple = ()  # `hf`: (config, split)
 
     @property
     def label(self) -> str:
         name = self.files[0] if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1} files)"
-        return name if self.end < 0 else f"{name} bytes {self.start}-{self.end}"
+        unit = "rows" if self.kind == "hf" else "bytes"
+        return name if self.end < 0 else f"{name} {unit} {self.start}-{self.end}"
 
     def reader_params(self) -> dict:
         """Everything besides the bytes that decides the documents."""
-        params = {"kind": self.kind, "field": self.text_field if self.kind in ("jsonl", "parquet") else ""}
+        params = {"kind": self.kind, "field": self.text_field if self.kind in ("jsonl", "parquet", "hf") else ""}
         if self.kind == "text":
             params["whole_file"] = self.whole_file
             params["piece_chars"] = readers.TEXT_PIECE_CHARS
@@ -71,6 +74,10 @@ class Shard:
             elif self.kind == "text":
                 yield from readers.iter_text(path, self.start, self.end, self.first_line, self.whole_file, on_bad,
                                              self.source, stats)
+            elif self.kind == "hf":
+                from lctrain.data.hf_source import iter_rows
+                yield from iter_rows(self, on_bad, stats)
+                return
             elif self.kind == "parquet":
                 yield from readers.iter_parquet(path, self.text_field, on_bad, self.source, stats)
             else:
@@ -111,6 +118,9 @@ def _files_in(directory: Path, kind: str) -> list[Path]:
 def plan_shards(config: SourceConfig, key: str, files: list[Path], max_documents: int = 0) -> list[Shard]:
     """The source's shards in document order (content hashes not yet filled in: see `hash_shards`)."""
     kind = config.type
+    if kind == "hf":
+        from lctrain.data.hf_source import plan_hf_shards
+        return plan_hf_shards(config, key)
     if kind == "stdlib":
         return _groups(kind, key, "", [str(p) for p in stdlib_source.stdlib_files(max_documents)])
     shards: list[Shard] = []
@@ -180,6 +190,9 @@ def hash_shards(shards: list[Shard], memo_dir: Path) -> list[Shard]:
     """The shards with `content` set and `first_line` set for pieces (newlines before the piece + 1)."""
     out, lines_before, previous_file = [], 0, None
     for shard in shards:
+        if shard.content:  # keyed at planning (hf)
+            out.append(shard)
+            continue
         digest, newlines = _content(shard, Path(memo_dir))
         if shard.files[0] != previous_file or shard.start == 0:
             lines_before = 0

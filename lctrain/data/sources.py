@@ -9,6 +9,8 @@ Source types (local files, read by `readers` one record at a time; no copy of th
 - `jsonl`: one JSON object per line; the document is the string in `field` (default `text`).
 - `parquet`: the document is the string column `field`.
 - `stdlib`: the Python standard library's source files (see `stdlib_source`); `path` is unused.
+- `hf`: a Hugging Face dataset by `name` (local cache) or `save_to_disk` directory, `config`, `split`, `field`
+  (see `hf_source`); `path` is unused.
 - `mqar`, `passkey`: generated from a seed (see `synthetic`); `path` is unused.
 
 `path` is a file, a directory (searched recursively for the type's extensions, compressed ones included: see
@@ -26,7 +28,7 @@ from lctrain.data import readers
 from lctrain.data.readers import LARGE_TEXT_BYTES, TEXT_PIECE_CHARS, split_large_text  # noqa: F401 (re-exported)
 from lctrain.data.shards import EXTENSIONS, Shard, hash_shards, plan_shards, resolve_files  # noqa: F401
 
-_FILE_TYPES = ("text", "jsonl", "parquet", "stdlib")
+_FILE_TYPES = ("text", "jsonl", "parquet", "stdlib", "hf")
 
 
 class Source:
@@ -45,7 +47,7 @@ class Source:
         if config.type not in _FILE_TYPES:
             raise ConfigError(f"{self.key}.type: {config.type!r} is not allowed; expected one of "
                               f"{', '.join(map(repr, _FILE_TYPES + SYNTHETIC_SOURCES))}")
-        self.files = [] if config.type == "stdlib" else resolve_files(config, self.key)
+        self.files = [] if config.type in ("stdlib", "hf") else resolve_files(config, self.key)
         self._shards = None
 
     @property
@@ -111,7 +113,10 @@ def build_sources(configs: list, max_documents: int, cache_dir: Path, section: s
             source.key = f"{section}[{i}]"
             sources.append(source)
             continue
-        if config.type != "stdlib" and not config.path:
+        if config.type == "hf" and not config.name:
+            raise ConfigError(f"{section}[{i}].name: empty; an 'hf' source needs a dataset name or a save_to_disk "
+                              "directory")
+        if config.type not in ("stdlib", "hf") and not config.path:
             raise ConfigError(f"{section}[{i}].path: empty; a {config.type!r} source needs a file, directory "
                               "or glob")
         sources.append(Source(config, i, max_documents, cache_dir, section))
