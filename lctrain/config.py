@@ -89,6 +89,7 @@ class DataConfig:
     eval_sources: list = field(default_factory=list)  # explicit validation set (as `sources`); replaces eval_fraction
     num_workers: int = 0  # tokenising processes per rank; 0: the cores available to this rank
     on_bad_record: Literal["error", "skip"] = "error"  # skip: bad records are skipped and counted
+    streaming: bool = False  # read and tokenise while training (no cache, no start-up pass; eval from eval_sources)
 
 
 @dataclass

@@ -39,6 +39,10 @@ class Data:
     def summary(self) -> str:
         """One line about the data: documents, shards, cache state and skipped records."""
         p = self.plan
+        if p.get("streaming"):
+            return (f"data: streaming {p.get('shards', 0)} shards ({p.get('bytes', 0) / 2**20:.1f} MiB) with "
+                    f"{p.get('workers', 1)} tokenising workers per rank; {p.get('eval_docs', 0):,} evaluation "
+                    f"documents from {p.get('eval_from', 'data.eval_sources')}")
         line = (f"data: {p.get('shards', 0)} shards ({p.get('cached', 0)} cached, {p.get('missing', 0)} to "
                 f"tokenise, {p.get('bytes', 0) / 2**20:.1f} MiB)")
         if self.train is not None:
@@ -131,12 +135,22 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
     cache_dir = resolve_cache_dir(cfg)
     sources = build_sources(data_cfg.sources, data_cfg.max_documents, cache_dir)
     eval_sources = build_sources(data_cfg.eval_sources, data_cfg.max_documents, cache_dir, "data.eval_sources")
-    tokenizer = get_tokenizer(data_cfg, sources, cache_dir)
+    if data_cfg.streaming:
+        synthetic = [s.key for s in sources if s.config.type in SYNTHETIC_SOURCES]
+        if synthetic:
+            raise ConfigError(f"data.streaming: {synthetic[0]} is a generated source; streaming reads file and hf "
+                              "sources only (generated sources need no cache: turn streaming off)")
+        for source in sources:
+            source.hash_content = False
+    tokenizer = get_tokenizer(data_cfg, sources, cache_dir, memo=not data_cfg.streaming)
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
         raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer!r} defines no BOS/EOS pieces; expected a model "
                           "trained with bos_id and eos_id set")
     rank, world = _ranks()
     workers = data_cfg.num_workers or default_workers()
+    if data_cfg.streaming:
+        return _streaming_data(cfg, sources, eval_sources, tokenizer, cache_dir, dp_rank, dp_size, workers, rank,
+                               world, progress, tokenize)
     file_sources = [s for s in sources + eval_sources if s.config.type not in SYNTHETIC_SOURCES]
     keys, plan = prepare_shards(file_sources, tokenizer, cache_dir, data_cfg.on_bad_record, workers, rank, world,
                                 progress and rank == 0, tokenize)
@@ -191,6 +205,46 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
     return Data(tokenizer=tokenizer, train=train_loader, tokens_per_window=data_cfg.seq_len, sources=sources,
                 tokens=tokens, plan=plan, bad_records=bad, _eval=evaluation,
                 _eval_args=(cfg.train.micro_batch_size,))
+
+
+def _streaming_data(cfg, sources, eval_sources, tokenizer, cache_dir, dp_rank, dp_size, workers, rank, world,
+                    progress, tokenize) -> Data:
+    """`data.streaming`: the training sources are read while training; evaluation data (`data.eval_sources`) is
+    cached as usual."""
+    from lctrain.data.streaming import StreamingLoader
+
+    data_cfg = cfg.data
+    shards = [shard for source in sources for shard in source.planned_shards()]
+    plan = {"shards": len(shards), "cached": 0, "missing": 0, "bytes": sum(s.size for s in shards),
+            "streaming": True, "workers": workers}
+    if not tokenize:
+        return Data(tokenizer=tokenizer, train=None, tokens_per_window=data_cfg.seq_len, sources=sources, plan=plan)
+    fingerprint = stable_hash({
+        "streaming": [[s.label, s.size, s.content] for s in shards], "tokenizer": tokenizer.fingerprint,
+        "weights": [source.weight for source in sources], "seq_len": data_cfg.seq_len,
+    })
+    train = StreamingLoader(sources, tokenizer, data_cfg.seq_len, cfg.train.micro_batch_size, cfg.train.seed,
+                            dp_rank, dp_size, data_cfg.on_bad_record, workers, fingerprint)
+    tokens, evaluation = [], None
+    if eval_sources:
+        files = [s for s in eval_sources if s.config.type not in SYNTHETIC_SOURCES]
+        keys, _ = prepare_shards(files, tokenizer, cache_dir, data_cfg.on_bad_record, workers, rank, world,
+                                 progress and rank == 0)
+        root = Path(cache_dir) / "shards"
+        for source in eval_sources:
+            if source.config.type in SYNTHETIC_SOURCES:
+                store = source.build_tokens(tokenizer, data_cfg.eval_fraction, data_cfg.seq_len)
+                tokens.append(SourceTokens(store.eval, store.train, store.meta, None))
+                continue
+            entries, _ = _open(source, keys[source.key], root, data_cfg.on_bad_record)
+            train_split, eval_split = split_entries(entries, 0.0, source.max_documents, all_eval=True)
+            tokens.append(SourceTokens(train_split, eval_split, {"source": source.key}, None))
+        evaluation = _loader.eval_stream([store.eval for store in tokens], data_cfg.seq_len, tokenizer.bos_id,
+                                         tokenizer.eos_id)
+    plan.update(eval_docs=sum(len(s.eval) for s in tokens),
+                eval_from="data.eval_sources" if eval_sources else "none (streaming: set data.eval_sources)")
+    return Data(tokenizer=tokenizer, train=train, tokens_per_window=data_cfg.seq_len, sources=sources,
+                tokens=tokens, plan=plan, _eval=evaluation, _eval_args=(cfg.train.micro_batch_size,))
 
 
 def _describe(source) -> str:

@@ -51,6 +51,15 @@ def _init_worker(model_proto: bytes) -> None:
     _worker_tokenizer = Tokenizer(model_proto)
 
 
+def encode_in_worker(model_proto: bytes, texts: list[str]) -> list:
+    """Token ids (int32 arrays) of `texts`, in a worker process (the tokenizer is loaded once per process)."""
+    import numpy as np
+
+    if _worker_tokenizer is None:
+        _init_worker(model_proto)
+    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
 def _build_in_worker(root: str, key: str, shard, on_bad: str, blocking: bool):
     return shard_cache.build_entry(Path(root), key, shard, _worker_tokenizer, on_bad, blocking)
 

@@ -49,16 +49,26 @@ class Source:
                               f"{', '.join(map(repr, _FILE_TYPES + SYNTHETIC_SOURCES))}")
         self.files = [] if config.type in ("stdlib", "hf") else resolve_files(config, self.key)
         self._shards = None
+        self._planned = None
+        self.hash_content = True
 
     @property
     def weight(self) -> float:
         return self.config.weight
 
+    def planned_shards(self) -> list[Shard]:
+        """The source's shards in document order, without reading them (no content hashes, except `hf`)."""
+        if self._planned is None:
+            self._planned = plan_shards(self.config, self.key, self.files, self.max_documents)
+        return self._planned
+
     def shards(self) -> list[Shard]:
-        """The source's shards in document order, with content hashes (memoised per run)."""
+        """The source's shards in document order, with content hashes (memoised per run); only planned when
+        `hash_content` is off (streaming reads each shard once, so hashing would read everything twice)."""
+        if not self.hash_content:
+            return self.planned_shards()
         if self._shards is None:
-            planned = plan_shards(self.config, self.key, self.files, self.max_documents)
-            self._shards = hash_shards(planned, self.cache_dir / "hashes")
+            self._shards = hash_shards(self.planned_shards(), self.cache_dir / "hashes")
         return self._shards
 
     def iter_texts(self, on_bad: str = "error") -> Iterator[str]:

@@ -199,16 +199,17 @@ def _sources_key(sources, vocab_size: int, sample_chars: int) -> str:
                               "sources": described})
 
 
-def get_tokenizer(data_cfg, sources, cache_dir: Path) -> Tokenizer:
+def get_tokenizer(data_cfg, sources, cache_dir: Path, memo: bool = True) -> Tokenizer:
     """`data.tokenizer` when set, else the cached trained tokenizer for these sources (training it if needed).
 
     `tokenizers/by-sources/<hash>` remembers which model a set of shards gave, so a start with unchanged data
-    reads no document at all."""
+    reads no document at all (`memo=False` when the shards carry no content hashes: streaming)."""
     if data_cfg.tokenizer:
         return Tokenizer.load(data_cfg.tokenizer)
     root = Path(cache_dir) / "tokenizers"
-    memo = root / "by-sources" / _sources_key(sources, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
-    if memo.is_file() and (root / memo.read_text().strip() / MODEL_FILE).is_file():
+    memo = (root / "by-sources" / _sources_key(sources, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
+            if memo else None)
+    if memo is not None and memo.is_file() and (root / memo.read_text().strip() / MODEL_FILE).is_file():
         return Tokenizer.load(root / memo.read_text().strip())
     lines = list(sample_lines(sources, data_cfg.tokenizer_sample_chars, data_cfg.on_bad_record))
     key = tokenizer_cache_key(lines, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
@@ -217,8 +218,9 @@ def get_tokenizer(data_cfg, sources, cache_dir: Path) -> Tokenizer:
         Tokenizer(train_tokenizer(lines, data_cfg.vocab_size)).save(directory)
 
     entry = cache.build_once(root, key, build)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
-    tmp.write_text(key)
-    os.replace(tmp, memo)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
+        tmp.write_text(key)
+        os.replace(tmp, memo)
     return Tokenizer.load(entry)
