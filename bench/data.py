@@ -1,5 +1,5 @@
-"""Data pipeline at scale: time to the first batch (cold and warm cache), tokenisation throughput per worker, peak
-RSS per rank and cache size, on a generated jsonl corpus.
+"""Data pipeline at scale: time to the first batch (cold and warm cache, and streaming), tokenisation throughput per
+worker, peak RSS per rank and cache size, on a generated jsonl corpus.
 
     python bench/data.py                          # 1 GB in 50 files (the default), 1 and 2 processes
     python bench/data.py --size-mb 64 --files 16  # smaller, for a quick reading
@@ -143,6 +143,12 @@ def main() -> None:
     case("2 processes, 1 worker each", ROOT, 2, 1, new_cache, cold=True)
     case("warm, 1 process", ROOT, 1, 1, new_cache, cold=False)
     case("warm, 2 processes", ROOT, 2, 1, new_cache, cold=False)
+    base_streaming = [*base, "data.streaming=true"]
+    saved_base = list(base)
+    base[:] = base_streaming
+    case("streaming, 1 process", ROOT, 1, 1, work / "cache-streaming", cold=True)
+    case("streaming, 2 processes", ROOT, 2, 1, work / "cache-streaming", cold=True)
+    base[:] = saved_base
     extra = corpus / f"part-{args.files:04d}.jsonl"  # one new shard: only it is tokenised
     make_corpus(work / "extra", max(1, args.size_mb // args.files), 1, seed=99)
     shutil.copy(work / "extra" / "part-0000.jsonl", extra)
@@ -154,7 +160,7 @@ def main() -> None:
 
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     payload = {"machine": machine, "device": "cpu", "corpus_mib": round(corpus_bytes / 2**20, 1),
-               "files": args.files, "rows": rows, "streaming": "not implemented"}
+               "files": args.files, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "data_cpu.json"
     out.write_text(json.dumps(payload, indent=1))
