@@ -81,7 +81,8 @@ def prepare_shards(sources: list, tokenizer, cache_dir: Path, on_bad: str, worke
     # A file source with max_documents needs only its first shards: build them in growing waves, in order, until
     # they hold enough documents (stdlib plans only the files it needs).
     limited = [src for src in sources if src.max_documents and src.config.type != "stdlib"]
-    totals = {"missing": 0, "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": []}
+    totals = {"missing": 0, "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": [],
+              "worker_rss_mib": []}
 
     def build(shards, shard_keys):
         result = build_missing(shards, shard_keys, root, tokenizer, on_bad, rank, world, workers, progress,

@@ -77,6 +77,7 @@ def build_entry(root: Path, key: str, shard, tokenizer, on_bad: str, blocking: b
                 t0 = time.perf_counter()
                 meta = tokenize_shard(shard, tokenizer, on_bad, tmp)
                 meta["seconds"] = time.perf_counter() - t0
+                meta["peak_rss_mib"] = peak_rss_mib()
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
                 for path in tmp.iterdir():
                     with open(path, "rb") as handle:
@@ -113,6 +114,19 @@ def clean_stale(root: Path, key: str) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not count the parent's pages that a
+    freshly spawned worker held between fork and exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _alive(pid: int) -> bool:
