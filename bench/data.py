@@ -72,7 +72,10 @@ def child(args) -> None:
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "workers_rss_mib": max(build.get("worker_rss_mib") or [0.0]),
         "built": build.get("built", 0), "built_bytes": build.get("bytes", 0),
-        "shard_seconds": build.get("shard_seconds", [])}), flush=True)
+        "cpu_s": sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                     for f in ("ru_utime", "ru_stime")),
+        "shard_seconds": build.get("shard_seconds", []),
+        "shard_cpu_seconds": build.get("shard_cpu_seconds", [])}), flush=True)
 
 
 def run_ranks(tree: Path, overrides: list[str], world: int) -> dict:
@@ -138,8 +141,11 @@ def main() -> None:
                "peak_rss_mib_per_rank": round(max(r["rss_mib"] for r in result["ranks"]), 1),
                "peak_worker_rss_mib": round(max(r["workers_rss_mib"] for r in result["ranks"]), 1),
                "cache_mib": round(du(cache) / 2**20, 1)}
+        row["cpu_s_all_ranks"] = round(sum(r["cpu_s"] for r in result["ranks"]), 1)
         if shard_seconds and built:
             row["mib_per_s_per_worker"] = round(built / 2**20 / sum(shard_seconds), 2)
+            cpu = sum(s for r in result["ranks"] for s in r["shard_cpu_seconds"])
+            row["mib_per_cpu_s"] = round(built / 2**20 / max(cpu, 1e-9), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -172,13 +178,13 @@ def main() -> None:
     out.write_text(json.dumps(payload, indent=1))
     plot(out)
     print(f"\ncorpus: {payload['corpus_mib']} MiB jsonl in {args.files} files; {machine}\n")
-    print("| case | cold | first batch (s) | of which start-up (s) | peak RSS / rank (MiB) | worker RSS (MiB) "
-          "| MiB/s per worker | cache (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | cold | first batch (s) | of which start-up (s) | CPU s, all processes | peak RSS / rank (MiB) "
+          "| worker RSS (MiB) | MiB/s per worker (wall) | MiB per CPU-s | cache (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {'yes' if r['cold'] else 'no'} | {r['first_batch_s']} | {r['startup_s']} "
-              f"| {r['peak_rss_mib_per_rank']} "
-              f"| {r['peak_worker_rss_mib']} | {r.get('mib_per_s_per_worker', '')} | {r['cache_mib']} |")
+              f"| {r['cpu_s_all_ranks']} | {r['peak_rss_mib_per_rank']} | {r['peak_worker_rss_mib']} "
+              f"| {r.get('mib_per_s_per_worker', '')} | {r.get('mib_per_cpu_s', '')} | {r['cache_mib']} |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -82,7 +82,7 @@ def prepare_shards(sources: list, tokenizer, cache_dir: Path, on_bad: str, worke
     # they hold enough documents (stdlib plans only the files it needs).
     limited = [src for src in sources if src.max_documents and src.config.type != "stdlib"]
     totals = {"missing": 0, "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": [],
-              "worker_rss_mib": []}
+              "shard_cpu_seconds": [], "worker_rss_mib": []}
 
     def build(shards, shard_keys):
         result = build_missing(shards, shard_keys, root, tokenizer, on_bad, rank, world, workers, progress,

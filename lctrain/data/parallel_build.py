@@ -91,7 +91,7 @@ def build_missing(shards: list, keys: list[str], root: Path, tokenizer, on_bad: 
     root = Path(root)
     missing = [i for i, key in enumerate(keys) if not (root / key).is_dir()]
     stats = {"missing": len(missing), "built": 0, "bytes": 0, "tokens": 0, "seconds": 0.0, "shard_seconds": [],
-             "worker_rss_mib": []}
+             "shard_cpu_seconds": [], "worker_rss_mib": []}
     if not missing:
         return stats
     # Dealt over all shards, not the missing ones: a share is the same whatever other shares finished already.
@@ -137,6 +137,7 @@ def build_missing(shards: list, keys: list[str], root: Path, tokenizer, on_bad: 
                     stats["tokens"] += meta.get("tokens", 0)
                     stats["shard_seconds"].append(meta.get("seconds", 0.0))
                     stats["worker_rss_mib"].append(meta.get("peak_rss_mib", 0.0))
+                    stats["shard_cpu_seconds"].append(meta.get("cpu_seconds", 0.0))
                 if bar is not None:
                     bar.update(shards[i].size)
     except BaseException:

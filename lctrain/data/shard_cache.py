@@ -74,9 +74,10 @@ def build_entry(root: Path, key: str, shard, tokenizer, on_bad: str, blocking: b
             tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             try:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 meta = tokenize_shard(shard, tokenizer, on_bad, tmp)
                 meta["seconds"] = time.perf_counter() - t0
+                meta["cpu_seconds"] = time.process_time() - cpu0  # on a busy machine, wall time says little
                 meta["peak_rss_mib"] = peak_rss_mib()
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
                 for path in tmp.iterdir():
