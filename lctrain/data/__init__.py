@@ -15,8 +15,9 @@ Modules: `sources` (configured sources), `shards` (sources -> content-hashed sha
 shard, bad-record checks), `stdlib_source` (the embedded default corpus), `synthetic` (seeded MQAR and passkey
 documents, generated in memory instead of cached), `tokenizer`, `shard_cache` (one shard's token cache entry),
 `parallel_build` (worker processes and ranks sharing the missing shards), `corpus` (shard entries -> train/eval
-splits, held-out by content hash), `cache` (atomic, locked cache entries), `sampling` (mixture order), `packing`
-(windows), `loader` (order, sharding, state), `source_batches` (one source per step), `build` (`build_data`),
+splits, held-out by content hash), `hf_source` (Hugging Face datasets in place), `cache` (atomic, locked cache
+entries), `sampling` (mixture order), `packing` (windows), `loader` (order, sharding, state), `source_batches` (one
+source per step), `streaming` (`data.streaming`: read and tokenise while training), `build` (`build_data`),
 `prepare` (the `prepare` command).
 
 This package imports its submodules lazily: tokenising worker processes import `shard_cache` without torch.
