@@ -217,7 +217,8 @@ def _streaming_data(cfg, sources, eval_sources, tokenizer, cache_dir, dp_rank, d
     data_cfg = cfg.data
     shards = [shard for source in sources for shard in source.planned_shards()]
     plan = {"shards": len(shards), "cached": 0, "missing": 0, "bytes": sum(s.size for s in shards),
-            "streaming": True, "workers": workers}
+            "streaming": True, "workers": workers,
+            "eval_from": "data.eval_sources" if eval_sources else "none (streaming: set data.eval_sources)"}
     if not tokenize:
         return Data(tokenizer=tokenizer, train=None, tokens_per_window=data_cfg.seq_len, sources=sources, plan=plan)
     fingerprint = stable_hash({
@@ -242,8 +243,7 @@ def _streaming_data(cfg, sources, eval_sources, tokenizer, cache_dir, dp_rank, d
             tokens.append(SourceTokens(train_split, eval_split, {"source": source.key}, None))
         evaluation = _loader.eval_stream([store.eval for store in tokens], data_cfg.seq_len, tokenizer.bos_id,
                                          tokenizer.eos_id)
-    plan.update(eval_docs=sum(len(s.eval) for s in tokens),
-                eval_from="data.eval_sources" if eval_sources else "none (streaming: set data.eval_sources)")
+    plan["eval_docs"] = sum(len(s.eval) for s in tokens)
     return Data(tokenizer=tokenizer, train=train, tokens_per_window=data_cfg.seq_len, sources=sources,
                 tokens=tokens, plan=plan, _eval=evaluation, _eval_args=(cfg.train.micro_batch_size,))
 
