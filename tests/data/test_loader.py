@@ -202,3 +202,30 @@ def test_next_epoch_is_prepared_ahead_and_gives_the_same_batches(cfg_for, monkey
     plain = build_data(cfg_for(), 0, 1, progress=False).train
     take(plain, epoch_windows // plain.micro_batch_size + 1)
     assert same_batches(take(plain, 2 * epoch_windows // plain.micro_batch_size), ahead_batches)
+
+
+def test_loader_memory_per_document_is_measured_and_bounded():
+    """Every rank holds per-document arrays for the current and the next epoch: measured, 36 bytes a document
+    (8 of lengths, then 2 + 4 + 8 of source id, document id and stream offset per epoch)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from lctrain.data.loader import TrainLoader
+    from lctrain.data.token_store import TokenSplit
+
+    n = 200_000
+    lengths = np.random.default_rng(0).integers(20, 60, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    split = TokenSplit(np.zeros(int(offsets[-1]), dtype=np.uint16), offsets)
+    tracemalloc.start()
+    try:
+        loader = TrainLoader([split], [1.0], 256, 8, 0, 0, 1, 2, 3, "x")
+        loader.position = len(loader.stream(0)) - 8
+        next(loader)
+        next(loader)  # crosses into epoch 1: both epochs are held
+        assert set(loader._streams) == {0, 1}
+        held = tracemalloc.get_traced_memory()[0] / n
+    finally:
+        tracemalloc.stop()
+    assert 30 <= held <= 40, held
