@@ -47,6 +47,13 @@ def _plan(argv: list[str]) -> int:
 
 SUBCOMMANDS["plan"] = _plan
 
+def _prepare(argv: list[str]) -> int:
+    from lctrain.data.prepare import prepare_main  # tokenise the data ahead of training
+    return prepare_main(argv)
+
+
+SUBCOMMANDS["prepare"] = _prepare
+
 
 def find_recipe(name: str) -> Path:
     """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
@@ -80,7 +87,8 @@ def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m lctrain", description="Train a model from a recipe.")
     parser.add_argument("recipe", nargs="?", default="tiny", help="recipe YAML (default: the embedded tiny recipe)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 model.n_layers=4")
-    parser.add_argument("--dry-run", action="store_true", help="build model and data, print the plan, exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model and the tokenizer, count the data (no tokenising), exit")
     args = parser.parse_args(argv)
     if "=" in args.recipe:  # `python -m lctrain train.steps=5` means the default recipe with an override
         args.overrides.insert(0, args.recipe)

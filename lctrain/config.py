@@ -58,8 +58,12 @@ SYNTHETIC_SOURCES = ("mqar", "passkey")  # generated from a seed (lctrain.data.s
 
 @dataclass
 class SourceConfig:
-    type: Literal["text", "jsonl", "parquet", "stdlib", "mqar", "passkey"] = "text"
-    path: str = ""  # file, directory or glob (unused for `stdlib` and the synthetic types)
+    type: Literal["text", "jsonl", "parquet", "stdlib", "mqar", "passkey", "hf"] = "text"
+    path: str = ""  # file, directory or glob (unused for `stdlib`, `hf` and the synthetic types)
+    # `hf` only: a Hugging Face dataset by name (local cache) or a `save_to_disk` directory, through `datasets`
+    name: str = ""
+    config: str = ""  # the dataset's configuration (subset) name
+    split: str = "train"
     field: str = "text"  # jsonl/parquet column holding the document
     weight: float = 1.0  # mixture weight across sources
     # Synthetic types only (`mqar`, `passkey`):
@@ -82,6 +86,10 @@ class DataConfig:
     max_documents: int = 0  # 0: all; otherwise the first N documents of each source (quick experiments)
     batching: Literal["mixed", "per_source"] = "mixed"  # per_source: each step from one source, by weight
     cache_dir: str = ""  # tokenised data and trained tokenizers; empty: $LCTRAIN_CACHE or ~/.cache/lctrain
+    eval_sources: list = field(default_factory=list)  # explicit validation set (as `sources`); replaces eval_fraction
+    num_workers: int = 0  # tokenising processes per rank; 0: the cores available to this rank
+    on_bad_record: Literal["error", "skip"] = "error"  # skip: bad records are skipped and counted
+    streaming: bool = False  # read and tokenise while training (no cache, no start-up pass; eval from eval_sources)
 
 
 @dataclass
@@ -386,6 +394,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
         _set_dotted(tree, key, _parse_scalar(text))
     cfg = _build(Config, tree, "")
     cfg.data.sources = [_coerce(s, SourceConfig, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
+    cfg.data.eval_sources = [_coerce(s, SourceConfig, f"data.eval_sources[{i}]")
+                             for i, s in enumerate(cfg.data.eval_sources)]
     if path is not None:
         stem = Path(path).stem
         cfg.run.name = cfg.run.name or stem
@@ -414,8 +424,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError("model.pattern: empty; expected layer letters like 'GGGA' or a list of mixer names")
     elif not m.pattern or not all(isinstance(p, str) and p for p in m.pattern):
         raise ConfigError(f"model.pattern: {m.pattern!r}; expected a string of layer letters or a list of names")
+    for i, src in enumerate(cfg.data.sources + cfg.data.eval_sources):
+        if src.type == "hf" and not src.name:
+            raise ConfigError(f"{_source_key(cfg, i)}.name: empty; an 'hf' source needs a dataset name or a "
+                              "save_to_disk directory")
     for i, src in enumerate(cfg.data.sources):
-        if src.type not in ("stdlib",) + SYNTHETIC_SOURCES and not src.path:
+        if src.type not in ("stdlib", "hf") + SYNTHETIC_SOURCES and not src.path:
             raise ConfigError(f"data.sources[{i}].path: empty; a {src.type!r} source needs a file, directory or glob")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight: {src.weight!r} is not allowed; expected a positive number")
@@ -423,6 +437,13 @@ def validate(cfg: Config) -> None:
             _validate_synthetic(src, f"data.sources[{i}]", cfg.data.seq_len)
     if not cfg.data.sources:
         raise ConfigError("data.sources: empty; expected at least one source")
+    for i, src in enumerate(cfg.data.eval_sources):
+        if src.type not in ("stdlib", "hf") + SYNTHETIC_SOURCES and not src.path:
+            raise ConfigError(f"data.eval_sources[{i}].path: empty; a {src.type!r} source needs a file, directory "
+                              "or glob")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: {cfg.data.num_workers} is not allowed; expected 0 (the cores "
+                          "available) or a positive number of processes")
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:
@@ -436,6 +457,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.attn: 'ulysses' shards heads, but model.n_heads={m.n_heads} / n_kv_heads={kv} "
                           f"are not divisible by parallel.sp={sp}; use 'allgather' or 'ring'")
     # seq_len need not divide by sp: the sharder pads with masked tokens
+
+
+def _source_key(cfg: Config, i: int) -> str:
+    n = len(cfg.data.sources)
+    return f"data.sources[{i}]" if i < n else f"data.eval_sources[{i - n}]"
 
 
 def _validate_synthetic(src: SourceConfig, key: str, seq_len: int) -> None:

@@ -14,6 +14,8 @@ A state from different data (sources, tokenizer, seq_len, weights) or a differen
 """
 from __future__ import annotations
 
+import threading
+
 from lctrain.config import ConfigError
 from lctrain.data import sampling
 from lctrain.data.packing import PackedStream, collate
@@ -36,14 +38,24 @@ class TrainLoader:
         self.epoch = 0
         self.position = 0  # next global window of `epoch` not yet consumed by the group
         self._streams: dict[int, PackedStream] = {}
+        self._ahead = None  # (epoch, thread, [stream]) while the next epoch's order is built in the background
         self._lengths = [split.lengths() + 2 for split in self.splits]  # + BOS + EOS
         self.stream(0)  # fails early, with a clear message, when the data cannot fill one window
 
+    def _make_stream(self, epoch: int) -> PackedStream:
+        sources, docs = sampling.epoch_order(self._lengths, self.weights, self.seed, epoch)
+        return PackedStream(self.splits, sources, docs, self.seq_len, self.bos_id, self.eos_id)
+
     def stream(self, epoch: int) -> PackedStream:
-        """The packed documents of `epoch` (built on demand; at most two epochs are kept)."""
+        """The packed documents of `epoch` (built on demand, or ahead by `_prepare_next`; at most two are kept)."""
         if epoch not in self._streams:
-            sources, docs = sampling.epoch_order(self._lengths, self.weights, self.seed, epoch)
-            stream = PackedStream(self.splits, sources, docs, self.seq_len, self.bos_id, self.eos_id)
+            ahead = self._ahead
+            if ahead is not None and ahead[0] == epoch:
+                ahead[1].join()
+                stream = ahead[2][0] if ahead[2] else self._make_stream(epoch)
+            else:
+                stream = self._make_stream(epoch)
+            self._ahead = None if ahead is not None and ahead[0] <= epoch else ahead
             if len(stream) == 0:
                 raise ConfigError(f"data.seq_len: {self.seq_len} needs at least {self.seq_len + 1} training tokens "
                                   f"per epoch; epoch {epoch} has {stream.total_tokens}: lower it or add data")
@@ -51,6 +63,20 @@ class TrainLoader:
                 self._streams.pop(max(self._streams, key=lambda e: abs(e - epoch)))
             self._streams[epoch] = stream
         return self._streams[epoch]
+
+    def _prepare_next(self) -> None:
+        """Past half of an epoch, build the next epoch's order in a background thread, so that crossing the
+        boundary does not stall the step (with tens of millions of documents that takes seconds)."""
+        nxt = self.epoch + 1
+        if nxt in self._streams or self._ahead is not None:
+            return
+        if 2 * self.position < len(self._streams[self.epoch]):
+            return
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(self._make_stream(nxt)), daemon=True,
+                                  name=f"epoch-{nxt}-order")
+        self._ahead = (nxt, thread, result)
+        thread.start()
 
     def _locate(self, epoch: int, offset: int) -> tuple[int, int]:
         """Normalise `offset` windows past the start of `epoch` into (epoch, window index in that epoch)."""
@@ -68,6 +94,7 @@ class TrainLoader:
             epoch, index = self._locate(self.epoch, self.position + self.dp_rank + j * self.dp_size)
             examples.append(self.stream(epoch).example(index))
         self.epoch, self.position = self._locate(self.epoch, self.position + self.dp_size * self.micro_batch_size)
+        self._prepare_next()
         return collate(examples)
 
     def state_dict(self) -> dict:

@@ -36,8 +36,12 @@ class PackedStream:
     def __init__(self, splits, source_ids: np.ndarray, doc_ids: np.ndarray, seq_len: int, bos_id: int,
                  eos_id: int):
         self.splits = splits
-        self.source_ids = np.asarray(source_ids, dtype=np.int64)
-        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        # Held for every document of an epoch on every rank: the narrowest types that fit (14 bytes per document
+        # with `starts`, instead of 24).
+        self.source_ids = np.asarray(source_ids, dtype=np.int16 if len(splits) < 1 << 15 else np.int64)
+        doc_ids = np.asarray(doc_ids)
+        small = len(doc_ids) == 0 or int(doc_ids.max()) < 1 << 31
+        self.doc_ids = doc_ids.astype(np.int32 if small else np.int64, copy=False)
         self.seq_len = seq_len
         self.bos_id, self.eos_id = bos_id, eos_id
         lengths = np.zeros(len(self.doc_ids), dtype=np.int64)

@@ -170,7 +170,7 @@ def answer_targets(answer_at: np.ndarray) -> np.ndarray:
 
 class SyntheticSource:
     """A `data.sources` entry of type `mqar` or `passkey`: same interface as `sources.Source` for the tokenizer
-    (`dataset()`, `fingerprint()`), and `build_tokens()` in place of the token cache (generating is faster than
+    (`tokenizer_texts()`, `fingerprint()`), and `build_tokens()` in place of the token cache (generating is faster than
     reading a cache)."""
 
     def __init__(self, config: SourceConfig, index: int, max_documents: int):

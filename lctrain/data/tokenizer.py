@@ -5,26 +5,29 @@ their UTF-8 bytes), special ids pad=0 unk=1 bos=2 eos=3, identity normalisation 
 code keeps its indentation; runs of spaces may become single pieces). Newlines and tabs are encoded as byte pieces.
 
 Training reads a deterministic sample of `data.tokenizer_sample_chars` characters: each source gets a share
-proportional to its weight, filled from its documents in a fixed hashed order. The model is written to
-`<cache_dir>/tokenizers/<hash>/tokenizer.model`, where the hash covers the sources' fingerprints and weights and the
-training settings, so a second run (or another rank) loads it instead of training again.
+proportional to its weight, read from its shards in the order of their content hashes (see
+`Source.sample_texts`). The model is written to `<cache_dir>/tokenizers/<hash>/tokenizer.model`, where the hash
+covers the sample's text and the training settings, so a second run (or another rank) loads it instead of training
+again, and adding a shard to a corpus keeps the tokenizer (and so every cached shard) unless that shard enters the
+sample.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from lctrain.config import ConfigError
-from lctrain.data import cache, sampling
+from lctrain.data import cache
 
 MODEL_FILE = "tokenizer.model"
 _BYTE_PIECES = 256
 _SPECIAL_PIECES = 4  # pad, unk, bos, eos
 _MAX_LINE_CHARS = 4096  # sentencepiece drops training sentences longer than max_sentence_length bytes
-_TRAINER_VERSION = 1  # bump when the trainer settings below change, so old caches are not reused
+_TRAINER_VERSION = 2  # bump when the trainer settings below change, so old caches are not reused
 
 
 class Tokenizer:
@@ -146,46 +149,78 @@ def _character_coverage(lines: list[str], max_chars: int) -> float:
     return max(0.98, (below + frequencies[max_chars - 1] / 2) / total)
 
 
-def sample_lines(sources, total_chars: int) -> Iterator[str]:
-    """The tokenizer's training text: per source a weight-proportional character budget, read from its
-    documents in `sampling.sample_order`, split into non-empty lines of at most `_MAX_LINE_CHARS` characters."""
+def sample_lines(sources, total_chars: int, on_bad: str = "error") -> Iterator[str]:
+    """The tokenizer's training text: per source a weight-proportional character budget (`Source.sample_texts`:
+    shards in content-hash order; a synthetic source's fixed texts), split into non-empty lines of at most
+    `_MAX_LINE_CHARS` characters."""
     weight_sum = sum(source.weight for source in sources)
     for source in sources:
         budget = max(1, int(total_chars * source.weight / weight_sum))
-        dataset = source.dataset()
-        order = sampling.sample_order(len(dataset), source.index)
-        for start in range(0, len(order), 256):
-            if budget <= 0:
-                break
-            for text in dataset.select(order[start:start + 256])["text"]:
-                if not text or budget <= 0:
-                    continue
-                text = text[:budget]
-                budget -= len(text)
-                for line in text.split("\n"):
-                    for cut in range(0, len(line), _MAX_LINE_CHARS):
-                        piece = line[cut:cut + _MAX_LINE_CHARS]
-                        if piece.strip():
-                            yield piece
+        if hasattr(source, "tokenizer_texts"):
+            texts = _capped(source.tokenizer_texts(), budget)
+        else:
+            texts = source.sample_texts(budget, on_bad)
+        for text in texts:
+            for line in text.split("\n"):
+                for cut in range(0, len(line), _MAX_LINE_CHARS):
+                    piece = line[cut:cut + _MAX_LINE_CHARS]
+                    if piece.strip():
+                        yield piece
 
 
-def tokenizer_cache_key(sources, vocab_size: int, sample_chars: int) -> str:
-    return cache.stable_hash({
-        "version": _TRAINER_VERSION, "vocab_size": vocab_size, "sample_chars": sample_chars,
-        "sources": [[source.fingerprint(), source.weight] for source in sources],
-    })
+def _capped(texts, budget: int) -> Iterator[str]:
+    for text in texts:
+        if budget <= 0:
+            return
+        text = text[:budget]
+        budget -= len(text)
+        yield text
 
 
-def get_tokenizer(data_cfg, sources, cache_dir: Path) -> Tokenizer:
-    """`data.tokenizer` when set, else the cached trained tokenizer for these sources (training it if needed)."""
+def tokenizer_cache_key(lines: list[str], vocab_size: int, sample_chars: int) -> str:
+    """Keyed by the sample's content (not by file names or dates): the same text trains the same model."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8", "surrogatepass"))
+        digest.update(b"\n")
+    return cache.stable_hash({"version": _TRAINER_VERSION, "vocab_size": vocab_size, "sample_chars": sample_chars,
+                              "sample": digest.hexdigest()})
+
+
+def _sources_key(sources, vocab_size: int, sample_chars: int) -> str:
+    """What the sample is a function of: every shard's content and reader settings, and the weights."""
+    described = []
+    for source in sources:
+        if hasattr(source, "tokenizer_texts"):
+            described.append([source.weight, source.fingerprint()])
+        else:
+            described.append([source.weight, [[s.content, s.start, s.reader_params()] for s in source.shards()]])
+    return cache.stable_hash({"version": _TRAINER_VERSION, "vocab_size": vocab_size, "sample_chars": sample_chars,
+                              "sources": described})
+
+
+def get_tokenizer(data_cfg, sources, cache_dir: Path, memo: bool = True) -> Tokenizer:
+    """`data.tokenizer` when set, else the cached trained tokenizer for these sources (training it if needed).
+
+    `tokenizers/by-sources/<hash>` remembers which model a set of shards gave, so a start with unchanged data
+    reads no document at all (`memo=False` when the shards carry no content hashes: streaming)."""
     if data_cfg.tokenizer:
         return Tokenizer.load(data_cfg.tokenizer)
-    key = tokenizer_cache_key(sources, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
+    root = Path(cache_dir) / "tokenizers"
+    memo = (root / "by-sources" / _sources_key(sources, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
+            if memo else None)
+    if memo is not None and memo.is_file() and (root / memo.read_text().strip() / MODEL_FILE).is_file():
+        return Tokenizer.load(root / memo.read_text().strip())
+    lines = list(sample_lines(sources, data_cfg.tokenizer_sample_chars, data_cfg.on_bad_record))
+    key = tokenizer_cache_key(lines, data_cfg.vocab_size, data_cfg.tokenizer_sample_chars)
 
     def build(directory: Path) -> None:
-        proto = train_tokenizer(sample_lines(sources, data_cfg.tokenizer_sample_chars), data_cfg.vocab_size)
-        Tokenizer(proto).save(directory)
+        Tokenizer(train_tokenizer(lines, data_cfg.vocab_size)).save(directory)
 
-    entry = cache.build_once(Path(cache_dir) / "tokenizers", key, build)
+    entry = cache.build_once(root, key, build)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}")
+        tmp.write_text(key)
+        os.replace(tmp, memo)
     return Tokenizer.load(entry)
-

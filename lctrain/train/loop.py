@@ -64,7 +64,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, dry_run: bool = False):
         self.cfg, self.env = cfg, env
         self.layout = plan_layout(cfg, env)
         self.main = env.is_main
@@ -79,7 +79,7 @@ class Trainer:
 
         from lctrain.data import build_data  # imported late: datasets is slow to import
         self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main,
-                               batches_per_step=self.layout.grad_accum)
+                               batches_per_step=self.layout.grad_accum, tokenize=not dry_run)
         vocab = self.data.tokenizer.vocab_size
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -120,6 +120,7 @@ class Trainer:
                "parameters train"] if self.cfg.lora.enabled else []),
             f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
             f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
+            self.data.summary(),
         ])
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -175,7 +176,14 @@ class Trainer:
         latest, notes = chosen.path, chosen.notes()
         if latest is not None:
             check_compatible(cfg, latest, self.data.tokenizer, self.run_dir)
-            state, data_state = engine.load(ckpt, latest)
+            from lctrain.train.elastic import load_resized, saved_world_size
+            saved_world = saved_world_size(latest)
+            if saved_world not in (None, lay.world):  # the data position is global: another world size continues it
+                state, data_state = load_resized(latest, engine, env.rank, lay.world)
+                notes.append(f"resuming {latest} (written by {saved_world} processes) on {lay.world}: the data "
+                             "continues from the saved global position")
+            else:
+                state, data_state = engine.load(ckpt, latest)
             engine.scheduler.load_state_dict(state["scheduler"])
             apply_recipe(engine.optimizer, engine.scheduler, cfg.train)  # the recipe wins for hyperparameters
             notes += recipe_changes(cfg.train, latest)
@@ -287,6 +295,8 @@ class Trainer:
                             record["mfu"] = tps * fpt / (peak * lay.world)
                     if first_record:
                         record.update({"world_size": lay.world, "dp": lay.dp, "sp": lay.sp})
+                        if self.data.bad_records:  # data.on_bad_record=skip: how many were left out
+                            record["data_skipped_records"] = sum(self.data.bad_records.values())
                         first_record = False
                     metrics.log(record)
                     progress.update(step, record)
@@ -340,7 +350,7 @@ def train(cfg: Config, dry_run: bool = False) -> int:
     env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     finished = False
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, dry_run=dry_run)
         if dry_run:
             if env.is_main:
                 print(trainer.summary(), flush=True)

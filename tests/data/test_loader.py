@@ -9,7 +9,7 @@ import torch
 from lctrain.config import ConfigError
 from lctrain.data import build_data
 from lctrain.data import tokenizer as tok_mod
-from lctrain.data.sources import Source
+from lctrain.data.shards import Shard
 from lctrain.data.tokenizer import Tokenizer
 from lctrain.models.context import cu_seqlens_from_positions
 from tests.data.textgen import random_text
@@ -53,17 +53,18 @@ def same_batches(a, b):
 def test_first_build_tokenises_and_later_builds_only_read_the_cache(cfg_for, corpus, monkeypatch, capfd):
     cfg = cfg_for()
     first = build_data(cfg, 0, 1, progress=True)
-    assert "tokenising data.sources[0]" in capfd.readouterr().err
+    assert "tokenising" in capfd.readouterr().err
     assert first.tokens_per_window == cfg.data.seq_len == 32
-    entries = sorted(p.name for p in (corpus / "cache" / "tokens").iterdir())
-    assert len([e for e in entries if not e.endswith(".lock")]) == 2 and not any(".tmp-" in e for e in entries)
+    entries = sorted(p.name for p in (corpus / "cache" / "shards").iterdir())
+    shards = [e for e in entries if not e.endswith(".lock")]
+    assert len(shards) == first.plan["shards"] >= 2 and not any(".tmp-" in e for e in entries)
     expected = take(first.train, 3)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the cache should have been used")
     monkeypatch.setattr(Tokenizer, "encode_batch", forbidden)
     monkeypatch.setattr(tok_mod, "train_tokenizer", forbidden)
-    monkeypatch.setattr(Source, "dataset", forbidden)  # not even the source files are read again
+    monkeypatch.setattr(Shard, "read", forbidden)  # not even the source files are read again
     second = build_data(cfg, 0, 1, progress=False)
     assert capfd.readouterr().err == ""
     assert same_batches(take(second.train, 3), expected)
@@ -179,6 +180,52 @@ def test_stdlib_default_source_builds(make_cfg):
     data = build_data(make_cfg([{"type": "stdlib"}], "data.max_documents=4", "data.vocab_size=400",
                                "data.tokenizer_sample_chars=30000"), 0, 1, progress=False)
     meta = data.tokens[0].meta
-    assert meta["source_type"] == "stdlib" and meta["train_docs"] + meta["eval_docs"] == 4
+    assert meta["source"] == "data.sources[0]" and meta["train_docs"] + meta["eval_docs"] == 4
     text = data.tokenizer.decode(next(data.train)["input_ids"][0].tolist())
     assert text.strip()
+
+
+def test_next_epoch_is_prepared_ahead_and_gives_the_same_batches(cfg_for, monkeypatch):
+    from lctrain.data.loader import TrainLoader
+
+    ahead = build_data(cfg_for(), 0, 1, progress=False).train
+    epoch_windows = len(ahead.stream(0))
+    started = []
+    for _ in range(epoch_windows // ahead.micro_batch_size + 1):
+        next(ahead)
+        if ahead._ahead is not None or 1 in ahead._streams:
+            started.append(ahead.position)
+    assert started and started[0] < epoch_windows  # begun before the boundary was reached
+    ahead_batches = take(ahead, 2 * epoch_windows // ahead.micro_batch_size)
+
+    monkeypatch.setattr(TrainLoader, "_prepare_next", lambda self: None)
+    plain = build_data(cfg_for(), 0, 1, progress=False).train
+    take(plain, epoch_windows // plain.micro_batch_size + 1)
+    assert same_batches(take(plain, 2 * epoch_windows // plain.micro_batch_size), ahead_batches)
+
+
+def test_loader_memory_per_document_is_measured_and_bounded():
+    """Every rank holds per-document arrays for the current and the next epoch: measured, 36 bytes a document
+    (8 of lengths, then 2 + 4 + 8 of source id, document id and stream offset per epoch)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from lctrain.data.loader import TrainLoader
+    from lctrain.data.token_store import TokenSplit
+
+    n = 200_000
+    lengths = np.random.default_rng(0).integers(20, 60, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    split = TokenSplit(np.zeros(int(offsets[-1]), dtype=np.uint16), offsets)
+    tracemalloc.start()
+    try:
+        loader = TrainLoader([split], [1.0], 256, 8, 0, 0, 1, 2, 3, "x")
+        loader.position = len(loader.stream(0)) - 8
+        next(loader)
+        next(loader)  # crosses into epoch 1: both epochs are held
+        assert set(loader._streams) == {0, 1}
+        held = tracemalloc.get_traced_memory()[0] / n
+    finally:
+        tracemalloc.stop()
+    assert 30 <= held <= 40, held

@@ -1,9 +1,13 @@
-"""Sources: files -> documents through HF datasets; globs, directories, fields, limits and one-line errors."""
+"""Sources: files -> documents; globs, directories, fields, limits, content hashes and one-line errors."""
+import os
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from lctrain.config import ConfigError, SourceConfig
+from lctrain.data import readers
 from lctrain.data import sources as sources_mod
 from lctrain.data.sources import Source, build_sources
 
@@ -31,7 +35,7 @@ def test_large_text_file_is_split_at_blank_lines(tmp_path, monkeypatch):
     paragraphs = [f"paragraph {i} " + "word " * 30 for i in range(40)]
     path = tmp_path / "big.txt"
     path.write_text("\n\n".join(paragraphs) + "\n")
-    monkeypatch.setattr(sources_mod, "LARGE_TEXT_BYTES", 1000)
+    monkeypatch.setattr(readers, "LARGE_TEXT_BYTES", 1000)
     pieces = list(sources_mod.split_large_text(path, piece_chars=600))
     assert len(pieces) > 3
     assert "".join(pieces) == path.read_text()  # nothing lost or duplicated
@@ -39,7 +43,7 @@ def test_large_text_file_is_split_at_blank_lines(tmp_path, monkeypatch):
         assert len(piece) >= 600 and piece.endswith("\n\n")  # cut right after a blank line
     # Through the source: the same documents.
     src = Source(SourceConfig(type="text", path=str(path)), 0, 0, tmp_path / "hf")
-    monkeypatch.setattr(sources_mod, "TEXT_PIECE_CHARS", 600)
+    monkeypatch.setattr(readers, "TEXT_PIECE_CHARS", 600)
     assert len(texts(src)) > 3
 
 
@@ -58,21 +62,27 @@ def test_parquet_column_and_max_documents(tmp_path):
     assert texts(src) == [f"document number {i}" for i in range(4)]
 
 
-def test_fingerprint_changes_when_a_file_changes(tmp_path, write_text_files):
+def test_content_hash_follows_content_not_path_or_mtime(tmp_path, write_text_files):
     paths = write_text_files(tmp_path / "c", 2)
     config = SourceConfig(type="text", path=str(tmp_path / "c"))
-    before = Source(config, 0, 0, tmp_path / "hf").fingerprint()
-    assert Source(config, 0, 0, tmp_path / "hf").fingerprint() == before
+    before = [s.content for s in Source(config, 0, 0, tmp_path / "cache").shards()]
+    assert [s.content for s in Source(config, 0, 0, tmp_path / "cache").shards()] == before
+    os.utime(paths[0], (1, 1))  # touched: a memo miss, but the same content
+    assert [s.content for s in Source(config, 0, 0, tmp_path / "cache").shards()] == before
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "c", copy)
+    assert [s.content for s in Source(SourceConfig(type="text", path=str(copy)), 0, 0,
+                                      tmp_path / "cache").shards()] == before
     paths[0].write_text("something else entirely\n")
-    assert Source(config, 0, 0, tmp_path / "hf").fingerprint() != before
+    assert [s.content for s in Source(config, 0, 0, tmp_path / "cache").shards()] != before
 
 
 def test_stdlib_source_yields_python_files(tmp_path):
     src = Source(SourceConfig(type="stdlib"), 0, 3, tmp_path / "hf")
     docs = texts(src)
     assert len(docs) == 3 and all(doc.strip() for doc in docs)
-    names = [item[0] for item in src.describe()["files"]]
-    assert names == sorted(names) and all(name.endswith(".py") for name in names)
+    names = [f for shard in src.shards() for f in shard.files]
+    assert len(names) == 3 and names == sorted(names) and all(name.endswith(".py") for name in names)
     assert not any(part in ("test", "idlelib", "site-packages") for name in names for part in name.split("/"))
 
 
@@ -90,26 +100,26 @@ def test_bad_paths_name_the_dotted_key(tmp_path, config, message):
     assert "\n" not in str(err.value)
 
 
-def test_jsonl_without_the_field_names_the_field_key(tmp_path, write_jsonl):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x"}])
+def test_jsonl_without_the_field_names_the_file_and_line(tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, {"body": "x"}])
     src = Source(SourceConfig(type="jsonl", path=str(path), field="text"), 2, 0, tmp_path / "hf")
-    with pytest.raises(ConfigError, match=r"^data\.sources\[2\]\.field: 'text' is not a column .*body"):
-        src.dataset()
+    with pytest.raises(ConfigError, match=r"^data\.sources\[2\]: .*d\.jsonl:2: no field 'text' \(fields: body\)"):
+        texts(src)
 
 
-def test_non_string_column_is_rejected(tmp_path, write_jsonl):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": 1}, {"text": 2}])
+def test_non_string_field_is_rejected_with_its_line(tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, {"text": 12345}])
     src = Source(SourceConfig(type="jsonl", path=str(path)), 0, 0, tmp_path / "hf")
-    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.field: column 'text' .* not text"):
-        src.dataset()
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]: .*d\.jsonl:3: field 'text' holds a int"):
+        texts(src)
 
 
 def test_malformed_jsonl_is_a_config_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n{not json\n')
     src = Source(SourceConfig(type="jsonl", path=str(path)), 0, 0, tmp_path / "hf")
-    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]\.path: cannot read") as err:
-        src.dataset()
+    with pytest.raises(ConfigError, match=r"^data\.sources\[0\]: .*bad\.jsonl:2: not JSON") as err:
+        texts(src)
     assert "\n" not in str(err.value)
 
 

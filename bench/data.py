@@ -1,0 +1,212 @@
+"""Data pipeline at scale: time to the first batch (cold and warm cache, and streaming), tokenisation throughput per
+worker, peak RSS per rank and cache size, on a generated jsonl corpus.
+
+    python bench/data.py                          # 1 GB in 50 files (the default), 1 and 2 processes
+    python bench/data.py --size-mb 64 --files 16  # smaller, for a quick reading
+    python bench/data.py --baseline-tree DIR      # also time another checkout's data pipeline (cold, 1 process)
+
+Every measurement runs in fresh processes (`--child` mode), ranks as separate processes with RANK/WORLD_SIZE set,
+each timing `build_data` + the first `next(loader)`; a cold run starts from an empty cache, a warm one reuses it.
+Writes bench/results/data_<device>.json and .png; the table goes to stdout (markdown, for docs/RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will more can said what up "
+         "river stone cloud light night code data model token window alpha beta gamma delta kernel state").split()
+
+
+def make_corpus(directory: Path, size_mb: int, files: int, seed: int = 0) -> int:
+    """`files` jsonl files of about `size_mb` MiB in all; documents of 50-2000 words. Returns the bytes."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = size_mb * 2**20 // files
+    total = 0
+    for i in range(files):
+        with open(directory / f"part-{i:04d}.jsonl", "w") as out:
+            written = 0
+            while written < per_file:
+                n = rng.randint(50, 2000)
+                text = " ".join(rng.choice(WORDS) for _ in range(n))
+                line = json.dumps({"text": text}) + "\n"
+                out.write(line)
+                written += len(line)
+            total += written
+    return total
+
+
+def child(args) -> None:
+    """One rank: build the data, take one batch, print a JSON line."""
+    sys.path.insert(0, args.tree)
+    from lctrain.config import load_config
+    from lctrain.data import build_data
+
+    cfg = load_config(None, args.overrides)
+    import torch  # noqa: F401 - imported here so that `import_s` holds the start-up a training process pays
+    from lctrain.data import packing  # noqa: F401
+
+    t0 = time.perf_counter()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    data = build_data(cfg, dp_rank=rank, dp_size=world, progress=False)
+    next(data.train)
+    seconds = time.perf_counter() - t0
+    build = getattr(data, "plan", {}).get("build", {})
+    print("RESULT " + json.dumps({
+        "rank": rank, "seconds": seconds, "import_s": t0 - T_START,
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workers_rss_mib": max(build.get("worker_rss_mib") or [0.0]),
+        "built": build.get("built", 0), "built_bytes": build.get("bytes", 0),
+        "cpu_s": sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                     for f in ("ru_utime", "ru_stime")),
+        "shard_seconds": build.get("shard_seconds", []),
+        "shard_cpu_seconds": build.get("shard_cpu_seconds", [])}), flush=True)
+
+
+def run_ranks(tree: Path, overrides: list[str], world: int) -> dict:
+    """Start `world` rank processes at once; wall time until the last has its first batch."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(tree),
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "--tree", str(tree), "--", *overrides],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = [p.communicate() for p in procs]
+    wall = time.perf_counter() - t0
+    ranks = []
+    for p, (out, err) in zip(procs, outs):
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            raise RuntimeError(f"rank failed ({p.returncode}): {err[-2000:]}")
+        ranks.append(json.loads(lines[-1][7:]))
+    return {"wall_s": wall, "ranks": ranks}
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--files", type=int, default=50)
+    parser.add_argument("--baseline-tree", default="", help="another checkout to time cold with 1 process")
+    parser.add_argument("--work", default="", help="where the corpus and caches go (default: a temp dir)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="lctrain-data-bench-"))
+    corpus = work / "corpus"
+    if not corpus.is_dir():
+        make_corpus(corpus, args.size_mb, args.files)
+    corpus_bytes = du(corpus)
+    base = [f"data.sources=[{{type: jsonl, path: {corpus}}}]", "data.seq_len=512", "data.vocab_size=4096",
+            "data.tokenizer_sample_chars=2000000", "train.micro_batch_size=4"]
+    tokenizer_cache = work / "tokcache"
+    # Train the tokenizer once and pin it: every case then times tokenising, not tokenizer training.
+    run_ranks(ROOT, [*base, f"data.cache_dir={tokenizer_cache}", "data.max_documents=200"], 1)
+    model = next((tokenizer_cache / "tokenizers").glob("*/tokenizer.model"))
+    base.append(f"data.tokenizer={model}")
+    rows = []
+
+    def case(name: str, tree: Path, world: int, workers: int, cache: Path, cold: bool) -> None:
+        if cold:
+            shutil.rmtree(cache, ignore_errors=True)
+        overrides = [*base, f"data.cache_dir={cache}"] + ([f"data.num_workers={workers}"] if tree == ROOT else [])
+        result = run_ranks(tree, overrides, world)
+        shard_seconds = [s for r in result["ranks"] for s in r["shard_seconds"]]
+        built = sum(r["built_bytes"] for r in result["ranks"])
+        row = {"case": name, "processes": world, "workers_per_process": workers, "cold": cold,
+               "first_batch_s": round(result["wall_s"], 2),
+               "startup_s": round(max(r["import_s"] for r in result["ranks"]), 2),
+               "peak_rss_mib_per_rank": round(max(r["rss_mib"] for r in result["ranks"]), 1),
+               "peak_worker_rss_mib": round(max(r["workers_rss_mib"] for r in result["ranks"]), 1),
+               "cache_mib": round(du(cache) / 2**20, 1)}
+        row["cpu_s_all_ranks"] = round(sum(r["cpu_s"] for r in result["ranks"]), 1)
+        if shard_seconds and built:
+            row["mib_per_s_per_worker"] = round(built / 2**20 / sum(shard_seconds), 2)
+            cpu = sum(s for r in result["ranks"] for s in r["shard_cpu_seconds"])
+            row["mib_per_cpu_s"] = round(built / 2**20 / max(cpu, 1e-9), 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    new_cache = work / "cache"
+    case("1 process, 1 worker", ROOT, 1, 1, new_cache, cold=True)
+    case("1 process, 2 workers", ROOT, 1, 2, new_cache, cold=True)
+    case("2 processes, 1 worker each", ROOT, 2, 1, new_cache, cold=True)
+    case("warm, 1 process", ROOT, 1, 1, new_cache, cold=False)
+    case("warm, 2 processes", ROOT, 2, 1, new_cache, cold=False)
+    base_streaming = [*base, "data.streaming=true"]
+    saved_base = list(base)
+    base[:] = base_streaming
+    case("streaming, 1 process", ROOT, 1, 1, work / "cache-streaming", cold=True)
+    case("streaming, 2 processes", ROOT, 2, 1, work / "cache-streaming", cold=True)
+    base[:] = saved_base
+    extra = corpus / f"part-{args.files:04d}.jsonl"  # one new shard: only it is tokenised
+    make_corpus(work / "extra", max(1, args.size_mb // args.files), 1, seed=99)
+    shutil.copy(work / "extra" / "part-0000.jsonl", extra)
+    case("one shard added, 1 process", ROOT, 1, 1, new_cache, cold=False)
+    extra.unlink()
+    if args.baseline_tree:
+        case("baseline checkout, 1 process", Path(args.baseline_tree), 1, 1, work / "cache-baseline", cold=True)
+        case("baseline checkout, 2 processes", Path(args.baseline_tree), 2, 1, work / "cache-baseline", cold=True)
+
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    payload = {"machine": machine, "device": "cpu", "corpus_mib": round(corpus_bytes / 2**20, 1),
+               "files": args.files, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "data_cpu.json"
+    out.write_text(json.dumps(payload, indent=1))
+    plot(out)
+    print(f"\ncorpus: {payload['corpus_mib']} MiB jsonl in {args.files} files; {machine}\n")
+    print("| case | cold | first batch (s) | of which start-up (s) | CPU s, all processes | peak RSS / rank (MiB) "
+          "| worker RSS (MiB) | MiB/s per worker (wall) | MiB per CPU-s | cache (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {'yes' if r['cold'] else 'no'} | {r['first_batch_s']} | {r['startup_s']} "
+              f"| {r['cpu_s_all_ranks']} | {r['peak_rss_mib_per_rank']} | {r['peak_worker_rss_mib']} "
+              f"| {r.get('mib_per_s_per_worker', '')} | {r.get('mib_per_cpu_s', '')} | {r['cache_mib']} |")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh([r["case"] for r in rows][::-1], [r["first_batch_s"] for r in rows][::-1],
+            color=["tab:blue" if r["cold"] else "tab:green" for r in rows][::-1])
+    ax.set_xlabel("seconds to the first batch")
+    ax.set_title(f"{data['corpus_mib']} MiB jsonl, {data['files']} files ({data['machine']})", fontsize=9)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+if __name__ == "__main__":
+    main()

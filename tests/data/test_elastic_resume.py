@@ -1,0 +1,22 @@
+"""A ddp checkpoint continues on another number of processes: the loader's position is global."""
+import pytest
+
+from tests.train.conftest import run_lctrain, train_losses
+
+# 512 tokens per step whatever the world size: 1 process accumulates 2 micro-batches of 4 x 64, 2 processes take
+# one each; the step sees the same 8 windows either way.
+STEPS = ["train.steps=4", "train.tokens_per_step=512", "data.max_documents=12", "train.schedule=constant",
+         "train.warmup_steps=0", "checkpoint.interval=2"]
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), pytest.param(2, 1, marks=pytest.mark.slow)])
+def test_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path, before, after):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_lctrain(cache_dir, straight, *STEPS, nproc=1)
+    run_lctrain(cache_dir, split, *STEPS, "train.stop_at=2", nproc=before)
+    proc = run_lctrain(cache_dir, split, *STEPS, nproc=after)
+    assert f"(written by {before} processes) on {after}" in proc.stdout
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):  # same windows, same weights: equal up to the order of float reductions
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a, b)
