@@ -5,7 +5,8 @@
     bench/gpu_check.py calls run(out_dir, smoke) on a GPU (bf16 autocast; the peer uses fla when it is installed)
 
 Peers: pattern A (attention) <-> LlamaForCausalLM; GGGA (Gated DeltaNet 3:1 attention) <-> Qwen3NextForCausalLM
-with a dense MLP in every layer and full RoPE. One step = forward + backward + AdamW on random tokens.
+with a dense MLP in every layer and full RoPE. One step = forward + backward + AdamW on random tokens. Row "op": the
+Gated DeltaNet op alone (forward + backward) vs the one Qwen3-Next calls, outputs compared first.
 
 Llama takes lctrain's weights one to one (the export's name mapping), and the two initial losses must agree before
 anything is timed. Qwen3-Next's layers do not map (fused q/k/v/z projections, zero-centred norms, gated attention
@@ -125,31 +126,89 @@ def check_losses(pair: dict, ids, labels, autocast, tolerance: float) -> dict:
     return {"lctrain": ours, "peer": peer, "same_weights": pair["mapped"], "uniform": uniform}
 
 
-def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, autocast, wait_s: float) -> dict:
-    sides = {"lctrain": (pair["lctrain"], _lctrain_loss), "peer": (pair["peer"], _peer_loss)}
-    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in sides.items()}
-    records = {name: [] for name in sides}
+def time_alternated(steps_fns: dict, steps: int, warmup: int, device: str, wait_s: float) -> dict:
+    """Run every side's step function in turn (the order flips each round), `warmup` rounds untimed."""
+    records = {name: [] for name in steps_fns}
     for rnd in range(warmup + steps):
-        order = list(sides) if rnd % 2 == 0 else list(reversed(sides))  # neither side always goes first
+        order = list(steps_fns) if rnd % 2 == 0 else list(reversed(steps_fns))  # neither side always goes first
         for name in order:
-            model, loss_fn = sides[name]
             quiet = wait_for_quiet(QUIET_SHARE, wait_s) if device == "cpu" else {}
             meter = LoadMeter()
             meter.start()
             t0, c0 = time.perf_counter(), time.process_time()
-            with autocast():
-                loss = loss_fn(model, ids, labels)
-            loss.backward()
-            optims[name].step()
-            optims[name].zero_grad(set_to_none=True)
+            loss = steps_fns[name]()
             if device == "cuda":
                 torch.cuda.synchronize()
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             share = meter.stop() if device == "cpu" else None
             if rnd >= warmup:
-                records[name].append({"step_s": elapsed, "cpu_s": cpu, "others_share": share, "waited_s": quiet.get("waited_s"),
-                                      "loss": float(loss.detach())})
+                records[name].append({"step_s": elapsed, "cpu_s": cpu, "others_share": share,
+                                      "waited_s": quiet.get("waited_s"), "loss": loss})
     return records
+
+
+def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, autocast, wait_s: float) -> dict:
+    sides = {"lctrain": (pair["lctrain"], _lctrain_loss), "peer": (pair["peer"], _peer_loss)}
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in sides.items()}
+
+    def step_fn(name):
+        model, loss_fn = sides[name]
+
+        def step():
+            with autocast():
+                loss = loss_fn(model, ids, labels)
+            loss.backward()
+            optims[name].step()
+            optims[name].zero_grad(set_to_none=True)
+            return float(loss.detach())
+        return step
+
+    return time_alternated({name: step_fn(name) for name in sides}, steps, warmup, device, wait_s)
+
+
+def gdn_op_row(shapes: dict, device: str, steps: int, warmup: int, wait_s: float) -> dict:
+    """The Gated DeltaNet op alone, forward + backward: lctrain.kernels.gated_delta_rule (default backend) vs
+    the one Qwen3-Next runs (fla's chunk_gated_delta_rule on a GPU when importable, else transformers' torch one)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as qn
+
+    from lctrain.kernels import gated_delta_rule
+
+    if device == "cuda" and fla_available():
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as peer_fn
+        peer_name = "fla chunk_gated_delta_rule"
+    else:
+        peer_fn, peer_name = qn.torch_chunk_gated_delta_rule, "transformers torch_chunk_gated_delta_rule"
+    batch, seqlen, heads, dk = shapes["batch"], shapes["seq_len"], shapes["n_heads"], shapes["head_dim"]
+    gen = torch.Generator().manual_seed(2)
+
+    def leaf(*shape, fn=lambda x: x):
+        return fn(torch.randn(*shape, generator=gen)).to(device).requires_grad_()
+
+    q = leaf(batch, seqlen, heads, dk, fn=lambda x: torch.nn.functional.normalize(x, dim=-1))
+    k = leaf(batch, seqlen, heads, dk, fn=lambda x: torch.nn.functional.normalize(x, dim=-1))
+    v = leaf(batch, seqlen, heads, 2 * dk)
+    g = leaf(batch, seqlen, heads, fn=lambda x: -torch.nn.functional.softplus(x) * 0.1)
+    beta = leaf(batch, seqlen, heads, fn=torch.sigmoid)
+    with torch.no_grad():
+        ours = gated_delta_rule(q, k, v, g, beta)[0]
+        peer = peer_fn(q, k, v, g, beta)[0]
+    max_diff = float((ours.float() - peer.float()).abs().max())
+    if max_diff > 1e-3:
+        raise AssertionError(f"gated_delta_rule outputs differ from the peer's by {max_diff:.3g}")
+
+    def step(fn):
+        def run():
+            o = fn(q, k, v, g, beta)[0]
+            o.float().square().sum().backward()
+            for x in (q, k, v, g, beta):
+                x.grad = None
+            return None
+        return run
+
+    records = time_alternated({"lctrain": step(gated_delta_rule), "peer": step(peer_fn)}, steps, warmup, device,
+                              wait_s)
+    return _row(f"GDN op (B={batch}, T={seqlen}, H={heads}, K={dk}, V={2 * dk})", peer_name,
+                {"max_abs_diff": max_diff}, records)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -178,12 +237,15 @@ def run_pattern(pattern: str, shapes: dict, device: str, steps: int, warmup: int
 
     losses = check_losses(pair, ids, labels, autocast, tolerance=2e-2 if bf16 else 1e-4)
     records = time_pair(pair, ids, labels, steps, warmup, device, autocast, wait_s)
+    return _row(pattern, pair["peer_name"], losses, records)
+
+
+def _row(pattern: str, peer_name: str, check: dict, records: dict) -> dict:
     ours, peer = summarise(records["lctrain"]), summarise(records["peer"])
-    row = {"pattern": pattern, "peer": pair["peer_name"], "initial_loss": losses, "lctrain": ours, "peer_time": peer,
+    row = {"pattern": pattern, "peer": peer_name, "initial_loss": check, "lctrain": ours, "peer_time": peer,
            "speedup_median": peer["median_s"] / ours["median_s"], "speedup_min": peer["min_s"] / ours["min_s"],
            "cpu_speedup_median": peer["cpu_median_s"] / ours["cpu_median_s"],
-           "cpu_speedup_min": peer["cpu_min_s"] / ours["cpu_min_s"],
-           "steps": records}
+           "cpu_speedup_min": peer["cpu_min_s"] / ours["cpu_min_s"], "steps": records}
     if ours["quiet_median_s"] and peer["quiet_median_s"]:
         row["speedup_quiet_median"] = peer["quiet_median_s"] / ours["quiet_median_s"]
     return row
@@ -206,7 +268,7 @@ def fla_available() -> bool:
 
 def table(result: dict) -> str:
     lines = ["| pattern | peer | lctrain median / min (s) | peer median / min (s) | speedup median / min | "
-             "CPU-time speedup median / min | quiet steps (ours/peer) | others' CPU share | initial loss ours / peer |",
+             "CPU-time speedup median / min | quiet steps (ours/peer) | others' CPU share | check |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         o, p = r["lctrain"], r["peer_time"]
@@ -216,8 +278,15 @@ def table(result: dict) -> str:
                      f"{p['median_s']:.3f} / {p['min_s']:.3f} | {r['speedup_median']:.2f}x / {r['speedup_min']:.2f}x | "
                      f"{r['cpu_speedup_median']:.2f}x / {r['cpu_speedup_min']:.2f}x | "
                      f"{o['quiet_steps']}/{o['steps']}, {p['quiet_steps']}/{p['steps']} | {share} | "
-                     f"{r['initial_loss']['lctrain']:.5f} / {r['initial_loss']['peer']:.5f} |")
+                     f"{_check(r['initial_loss'])} |")
     return "\n".join(lines)
+
+
+def _check(check: dict) -> str:
+    if "max_abs_diff" in check:
+        return f"max abs output diff {check['max_abs_diff']:.1e}"
+    same = "same weights" if check["same_weights"] else "own init, ln(V)=" + f"{check['uniform']:.3f}"
+    return f"initial loss {check['lctrain']:.5f} / {check['peer']:.5f} ({same})"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -235,7 +304,8 @@ def plot(result: dict, path: Path) -> None:
     ax.bar([i + width / 2 for i in x], peer, width, label="transformers peer")
     for i, r in enumerate(rows):
         ax.text(i, max(ours[i], peer[i]) * 1.02, f"{r['speedup_median']:.2f}x", ha="center", fontsize=9)
-    ax.set_xticks(list(x), [f"{r['pattern']}\nvs {r['peer'].replace('ForCausalLM', '')}" for r in rows])
+    ax.set_xticks(list(x), [f"{r['pattern'].split(' (')[0]}\nvs {r['peer'].replace('ForCausalLM', '')}"
+                            for r in rows], fontsize=8)
     ax.set_ylabel("median step time (s)")
     s = result["shapes"]
     ax.set_title(f"fwd+bwd+AdamW, B={s['batch']} T={s['seq_len']} ({result['device']})", fontsize=9)
@@ -246,20 +316,24 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA"), steps: int | None = None,
-        warmup: int = 1, wait_s: float = 30.0, lctrain_overrides: dict | None = None, tag: str = "",
+def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), steps: int | None = None,
+        warmup: int | None = None, wait_s: float = 30.0, lctrain_overrides: dict | None = None, tag: str = "",
         threads: int = 0) -> dict:
     """Measure every pattern on the available device; writes peers_<cpu|gpu>[_smoke]<tag>.{json,png} to out_dir.
     On a GPU the models run under bf16 autocast; whether fla was importable (the peer's fast path) is recorded."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE_SHAPES if smoke else SHAPES
     steps = steps or (2 if smoke else (5 if device == "cpu" else 20))
+    warmup = warmup if warmup is not None else (1 if device == "cpu" else 3)  # GPU: Triton autotuning, allocator
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     rows = []
     for pattern in patterns:
-        rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
-                                lctrain_overrides))
+        if pattern == "op":
+            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0))
+        else:
+            rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+                                    lctrain_overrides))
         print(f"{pattern}: lctrain {rows[-1]['lctrain']['median_s']:.3f}s vs {rows[-1]['peer']} "
               f"{rows[-1]['peer_time']['median_s']:.3f}s -> {rows[-1]['speedup_median']:.2f}x", flush=True)
     import transformers
@@ -279,7 +353,8 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA"), steps:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, not the speed")
-    parser.add_argument("--patterns", default="A,GGGA", help="comma list from: " + ", ".join(PATTERNS))
+    parser.add_argument("--patterns", default="A,GGGA,op",
+                        help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per side (default 5 on CPU)")
     parser.add_argument("--max-wait", type=float, default=30.0, help="cap on the quiet-machine wait per step (s)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
@@ -289,7 +364,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     patterns = [p for p in args.patterns.split(",") if p]
-    bad = [p for p in patterns if p not in PATTERNS]
+    bad = [p for p in patterns if p not in PATTERNS and p != "op"]
     if bad:
         print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {', '.join(PATTERNS)}", file=sys.stderr)
         sys.exit(2)
