@@ -376,7 +376,8 @@ def main() -> None:
     patterns = [p for p in args.patterns.split(",") if p]
     bad = [p for p in patterns if p not in PATTERNS and p != "op"]
     if bad:
-        print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {', '.join(PATTERNS)}", file=sys.stderr)
+        allowed = ", ".join([*PATTERNS, "op"])
+        print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {allowed}", file=sys.stderr)
         sys.exit(2)
     overrides = {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens}
     run(args.out, args.smoke, patterns, args.steps or None, wait_s=args.max_wait, lctrain_overrides=overrides,
