@@ -46,7 +46,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
-    loss_chunk_tokens: int = 2048  # cross-entropy is computed this many tokens at a time
+    # cross-entropy (fused with the LM head) is computed this many tokens at a time; 0: auto (chunks whose fp32
+    # logits fit lctrain.models.loss.AUTO_LOGITS_BUDGET_BYTES, often the whole micro-batch)
+    loss_chunk_tokens: int = 0
     activation_checkpointing: bool = False
     attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
     # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.
@@ -197,7 +199,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.rope_theta": (lambda v: v > 0, "a positive number"),
     "model.norm_eps": (lambda v: v > 0, "a positive number"),
     "model.init_std": (lambda v: v > 0, "a positive number"),
-    "model.loss_chunk_tokens": (lambda v: v > 0, "a positive integer"),
+    "model.loss_chunk_tokens": (lambda v: v >= 0, "0 (auto) or a positive integer"),
     "data.vocab_size": (lambda v: v >= 64, "an integer >= 64"),
     "data.tokenizer_sample_chars": (lambda v: v > 0, "a positive integer"),
     "data.seq_len": (lambda v: v >= 2, "an integer >= 2"),

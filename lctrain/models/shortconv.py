@@ -13,20 +13,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lctrain.models.context import document_ids
+from lctrain.models.context import document_ids as _document_ids
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position_ids: torch.Tensor | None,
-                          prefix: torch.Tensor | None = None) -> torch.Tensor:
+                          prefix: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, T, C], weight [C, k] (weight[:, -1] multiplies the current token), position_ids [B, T] or None (one
-    document per row); prefix [B, k-1, C] are the inputs just before x that belong to x's first document (zeros
-    when it starts there). Returns [B, T, C]."""
+    document per row: no masking); prefix [B, k-1, C] are the inputs just before x that belong to x's first
+    document (zeros when it starts there); document_ids [B, T] (`BatchContext.document_ids`, built once per batch)
+    replace the ids derived from position_ids when given. Returns [B, T, C]."""
     batch, seqlen, channels = x.shape
     k = weight.shape[1]
     if prefix is None:
         prefix = x.new_zeros(batch, k - 1, channels)
     padded = torch.cat([prefix.to(x.dtype), x], dim=1)
-    docs = document_ids(position_ids) if position_ids is not None else None
+    docs = document_ids
+    if docs is None and position_ids is not None:
+        docs = _document_ids(position_ids)
     if docs is not None:
         # prefix tokens count as part of the first document (they are zero when there is nothing to continue)
         docs_padded = torch.cat([docs[:, :1].expand(batch, k - 1), docs], dim=1)
@@ -52,14 +55,15 @@ class ShortConvolution(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None, prefix: torch.Tensor | None = None,
-                cache: dict | None = None, key: str = "conv") -> torch.Tensor:
-        """x [B, T, C]. With `cache`, continues from the cached inputs and stores the last k-1 inputs."""
+                cache: dict | None = None, key: str = "conv", document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C]. With `cache`, continues from the cached inputs and stores the last k-1 inputs.
+        position_ids None: every row is one document (no masking)."""
         if cache is not None:
             prefix = cache.get(key)
-            position_ids = None  # decoding: one document per row
+            position_ids = document_ids = None  # decoding: one document per row
             window = x if prefix is None else torch.cat([prefix, x], dim=1)
             cache[key] = _last_inputs(window, self.kernel_size - 1)
-        y = causal_depthwise_conv(x, self.weight, position_ids, prefix)
+        y = causal_depthwise_conv(x, self.weight, position_ids, prefix, document_ids)
         return F.silu(y) if self.activation else y
 
 

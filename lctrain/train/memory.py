@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lctrain.models.blocks import default_ffn_dim
+from lctrain.models.loss import loss_chunk_size
 
 
 def activation_memory_estimate(cfg, model) -> int:
@@ -41,7 +42,7 @@ def _rough(cfg, model) -> int:
     per_layer = tokens * (8 * m.d_model + 4 * ffn) * elem
     attn_layers = sum(1 for t in model.layer_types if t == "attn")
     quadratic = cfg.train.micro_batch_size * m.n_heads * (cfg.data.seq_len // cfg.parallel.sp) * cfg.data.seq_len * elem
-    logits = min(tokens, m.loss_chunk_tokens) * m.vocab_size * 4 * 2
+    logits = loss_chunk_size(m.loss_chunk_tokens, tokens, m.vocab_size) * m.vocab_size * 4 * 2
     n_layers = len(model.layer_types)
     if m.activation_checkpointing:
         return n_layers * tokens * m.d_model * elem + per_layer + quadratic + logits

@@ -9,13 +9,15 @@ unit lower-triangular system for delta_t = beta_t u_t (the WY/UT form of the Gat
     o_t   = scale (exp(G_t) q_t^T S_0 + sum_{j<=t} exp(G_t - G_j) (q_t . k_j) delta_j)
     S_C   = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j delta_j^T
 
-Only the last line runs sequentially over chunks; everything else is batched over all chunks.
+Only the state hand-off runs sequentially over chunks (chunk_state.py: two matmuls per step, every row, document
+and head at once); everything else, outputs and weight gradients included, is batched over all chunks.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from lctrain.kernels.gated_delta_rule.chunk_state import chunk_state_walk
 from lctrain.kernels.varlen import chunk_layout
 
 CHUNK_SIZE = 64
@@ -28,6 +30,28 @@ def _pad_time(x: torch.Tensor, padded_len: int) -> torch.Tensor:
         return x
     pad = [0, 0] * (x.dim() - 2) + [0, extra]
     return F.pad(x, pad)
+
+
+class _UnitLowerSolve(torch.autograd.Function):
+    """(I + L)^-1 rhs for strictly lower-triangular L `[..., C, C]`. The inverse is formed once (a triangular solve
+    against the identity, no autograd); then forward and backward are plain batched matmuls:
+    d rhs = A^-T dx, dL = -tril(d rhs x^T, -1). Half the cost of autograd through `solve_triangular`."""
+
+    @staticmethod
+    def forward(ctx, lower, rhs):
+        eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+        inverse = torch.linalg.solve_triangular(lower + eye, eye.expand(lower.shape), upper=False,
+                                                unitriangular=True)
+        x = inverse @ rhs
+        ctx.save_for_backward(inverse, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, d_x):
+        inverse, x = ctx.saved_tensors
+        d_rhs = inverse.transpose(-1, -2) @ d_x
+        d_lower = -(d_rhs @ x.transpose(-1, -2)).tril_(-1)
+        return d_lower, d_rhs
 
 
 def _chunk_terms(q, k, v, g, beta, scale, chunk_size):
@@ -53,9 +77,8 @@ def _chunk_terms(q, k, v, g, beta, scale, chunk_size):
     decay = torch.exp(gate_diff.masked_fill(~causal, float("-inf")))  # [B, H, NC, C, C]
 
     lower = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay).masked_fill(~strictly_lower, 0.0)
-    eye = torch.eye(chunk_size, dtype=q.dtype, device=q.device)
     rhs = torch.cat([beta[..., None] * v, (beta * cum_gate.exp())[..., None] * k], dim=-1)
-    solved = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
+    solved = _UnitLowerSolve.apply(lower, rhs)
     value_dim = v.shape[-1]
     last_gate = cum_gate[..., -1]  # G_C, [B, H, NC]
     return {
@@ -67,26 +90,15 @@ def _chunk_terms(q, k, v, g, beta, scale, chunk_size):
     }
 
 
-def _per_chunk(terms):
-    """Split every term along the chunk axis once. Indexing `x[:, :, c]` inside the chunk loop would make autograd
-    build a full-size gradient of x for every chunk (quadratic in T); `unbind` assembles it once."""
-    return {name: t.unbind(2) for name, t in terms.items()}
-
-
-def _chunk_step(terms, c, state):
-    """Output of chunk c and the state after it, given the state entering it (`[B, H, K, V]`); `terms` come
-    from `_per_chunk`."""
-    delta = terms["u"][c] - terms["w"][c] @ state
-    out = terms["q_gated"][c] @ state + terms["qk"][c] @ delta
-    state = (torch.exp(terms["last_gate"][c])[..., None, None] * state
-             + terms["k_to_end"][c].transpose(-1, -2) @ delta)
-    return out, state
+def _outputs(terms, states, delta):
+    """o = q_gated S_c + qk delta for every chunk at once: `[..., NC, C, V]`."""
+    return terms["q_gated"] @ states + terms["qk"] @ delta
 
 
 def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
     """Equal-length sequences. q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`, state `[B, H, K, V]`.
 
-    Returns o `[B, T, H, V]` and the final state `[B, H, K, V]`.
+    All rows walk their chunks together. Returns o `[B, T, H, V]` and the final state `[B, H, K, V]`.
     """
     batch, seq_len, heads, _ = k.shape
     if seq_len == 0:  # an empty document: no output, state passes through
@@ -95,41 +107,34 @@ def _chunked_batch(q, k, v, g, beta, scale, state, chunk_size):
     padded = num_chunks * chunk_size
     # Padded tokens have g = 0 and beta = 0: they leave the state untouched and their outputs are dropped.
     q, k, v, g, beta = (_pad_time(x, padded) for x in (q, k, v, g, beta))
-    terms = _per_chunk(_chunk_terms(q, k, v, g, beta, scale, chunk_size))
-    outputs = []
-    for c in range(num_chunks):
-        out, state = _chunk_step(terms, c, state)
-        outputs.append(out)
-    o = torch.stack(outputs, dim=2)  # [B, H, NC, C, V]
+    terms = _chunk_terms(q, k, v, g, beta, scale, chunk_size)
+    states, delta, final = chunk_state_walk(terms["u"], terms["w"], terms["k_to_end"], terms["last_gate"].exp(),
+                                            state)
+    o = _outputs(terms, states, delta)  # [B, H, NC, C, V]
     o = o.reshape(batch, heads, padded, v.shape[-1]).transpose(1, 2)[:, :seq_len]
-    return o, state
+    return o, final
 
 
-def _chunked_packed(q, k, v, g, beta, scale, states, cu_seqlens, chunk_size):
+def _chunked_packed(q, k, v, g, beta, scale, states, cu_seqlens, chunk_size, cu_seqlens_cpu=None):
     """Packed documents (B == 1): every document is padded to whole chunks, all chunks are prepared together, and
-    the chunk walk restarts from each document's own initial state. states `[N, H, K, V]`."""
-    layout = chunk_layout(cu_seqlens, chunk_size)
+    the documents walk their chunks side by side on the chunk grid (see varlen.py), each from its own initial
+    state. states `[N, H, K, V]`."""
+    layout = chunk_layout(cu_seqlens, chunk_size, cu_seqlens_cpu)
     if layout.num_chunks == 0:
         return v.new_zeros(v.shape), states
     q, k, v, g, beta = (layout.align(x) for x in (q, k, v, g, beta))  # zero padding: g = 0, beta = 0 are neutral
-    terms = _per_chunk(_chunk_terms(q, k, v, g, beta, scale, chunk_size))
-    outputs, finals = [], list(states.unbind(0))
-    state = None
-    for c in range(layout.num_chunks):
-        doc = layout.chunk_doc[c]
-        if c == layout.doc_first_chunk[doc]:
-            state = states[doc:doc + 1]
-        out, state = _chunk_step(terms, c, state)
-        outputs.append(out)
-        if c == layout.doc_last_chunk[doc]:
-            finals[doc] = state[0]
-    o = torch.stack(outputs, dim=2)  # [1, H, NC, C, V]
-    o = o.reshape(1, o.shape[1], -1, o.shape[-1]).transpose(1, 2)
-    return layout.unalign(o), torch.stack(finals)
+    terms = {name: t[0] for name, t in _chunk_terms(q, k, v, g, beta, scale, chunk_size).items()}  # [H, NC, ...]
+    # grid [H, N, grid_chunks, ...]; cells past a document's end: zero update, unit decay
+    u, w, kt = (layout.to_grid(terms[name], 0.0, dim=1) for name in ("u", "w", "k_to_end"))
+    decay = layout.to_grid(terms["last_gate"].exp(), 1.0, dim=1)
+    grid_states, grid_delta, final = chunk_state_walk(u, w, kt, decay, states.transpose(0, 1))
+    o = _outputs(terms, layout.from_grid(grid_states, dim=1), layout.from_grid(grid_delta, dim=1))  # [H, NC, C, V]
+    o = o.reshape(1, o.shape[0], -1, o.shape[-1]).transpose(1, 2)
+    return layout.unalign(o), final.transpose(0, 1)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, chunk_size: int = CHUNK_SIZE):
+                           cu_seqlens=None, chunk_size: int = CHUNK_SIZE, cu_seqlens_cpu=None):
     """Chunked Gated DeltaNet.
 
     Args:
@@ -139,6 +144,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_f
         output_final_state: return the state after the last token of each sequence.
         cu_seqlens: int `[N+1]` document offsets into the T axis (B == 1), or None (N = B).
         chunk_size: tokens per chunk C.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (host metadata; avoids a device read).
 
     Returns:
         o `[B, T, H, V]` and the final state `[N, H, K, V]` (or None), computed in float32, or float64 for
@@ -157,5 +163,5 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_f
         o, final = _chunked_batch(q, k, v, g, beta, scale, state, chunk_size)
     else:
         # Chunks never straddle a document boundary: documents are padded to whole chunks (see varlen.py).
-        o, final = _chunked_packed(q, k, v, g, beta, scale, state, cu_seqlens, chunk_size)
+        o, final = _chunked_packed(q, k, v, g, beta, scale, state, cu_seqlens, chunk_size, cu_seqlens_cpu)
     return o, (final if output_final_state else None)

@@ -6,8 +6,10 @@ b_i = g_1 + ... + g_i (chunk-local), and S_0 the state entering the chunk:
     o_i   = scale * [ sum_{j<=i} exp(b_i - b_j) (q_i . k_j) v_j  +  exp(b_i) q_i^T S_0 ]     (intra + inter)
     S_C   = exp(b_C) S_0 + sum_j exp(b_C - b_j) k_j v_j^T                                    (state hand-off)
 
-Every exponent is <= 0, so nothing overflows. Packed documents (`cu_seqlens`) are padded to whole chunks and
-processed together; the chunk walk restarts from each document's own initial state (see kernels/varlen.py).
+Every exponent is <= 0, so nothing overflows. The intra-chunk part, every chunk's state update k^T v and the inter
+part q S_0 are single batched matmuls over all chunks; only the elementwise state hand-off walks the chunks. Packed
+documents (`cu_seqlens`) are padded to whole chunks and walk side by side, each from its own initial state (see
+kernels/varlen.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def chunk_linear_attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked linear attention (inputs already validated).
 
@@ -41,6 +44,7 @@ def chunk_linear_attention(
         output_final_state: return the state after each sequence's last token.
         cu_seqlens: int `[N+1]` document offsets into the T axis (B == 1), or None (N = B).
         chunk_size: tokens per chunk C.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (host metadata; avoids a device read).
 
     Returns:
         o `[B, T, H, V]` in q's dtype, and the final state `[N, H, K, V]` (float32; float64 for float64
@@ -51,7 +55,7 @@ def chunk_linear_attention(
     if cu_seqlens is None:
         o, final = _chunk_rows(q, k, v, g, scale, initial_state, chunk_size)
     else:
-        layout = chunk_layout(cu_seqlens, chunk_size)
+        layout = chunk_layout(cu_seqlens, chunk_size, cu_seqlens_cpu)
         aligned = [layout.align(x) for x in (q, k, v)]
         g_aligned = None if g is None else layout.align(g)  # zero log-gate on padding: neutral
         num_docs = cu_seqlens.numel() - 1
@@ -115,26 +119,30 @@ def _chunk_rows(
     q_from_start = qc * cum.exp().unsqueeze(-1)  # exp(b_i) q_i
     k_to_end = kc * (last - cum).exp().unsqueeze(-1)  # exp(b_C - b_j) k_j
     chunk_decay = last.squeeze(-1).exp()  # exp(b_C), [B, H, n]
-    if initial_state is None:
-        state = qc.new_zeros(batch, heads, key_dim, value_dim)
+    # Each chunk's state update, one batched matmul for all chunks; the walk below is elementwise only.
+    updates = k_to_end.transpose(-1, -2) @ vc  # [B, H, n, K, V]
+    if layout is not None:  # packed documents walk side by side, each from its own state (varlen.py's grid)
+        if initial_state is None:
+            initial_state = qc.new_zeros(layout.num_docs, heads, key_dim, value_dim)
+        entering, state = _walk(layout.to_grid(updates[0], 0.0, dim=1), layout.to_grid(chunk_decay[0], 1.0, dim=1),
+                                initial_state.to(compute).transpose(0, 1))
+        entering, state = layout.from_grid(entering, dim=1).unsqueeze(0), state.transpose(0, 1)
     else:
-        state = initial_state.to(compute)
-    o_inter = []
-    finals = list(state.unbind(0)) if layout is not None else None
-    # unbind once: indexing [:, :, c] in the loop would give each chunk a full-size gradient buffer (O(T^2))
-    q_chunks, k_chunks, v_chunks = q_from_start.unbind(2), k_to_end.unbind(2), vc.unbind(2)
-    decay_chunks = chunk_decay.unbind(2)
-    for c in range(num_chunks):
-        if layout is not None:  # packed documents: each starts from its own state
-            doc = layout.chunk_doc[c]
-            if c == layout.doc_first_chunk[doc]:
-                state = initial_state[doc:doc + 1].to(compute)
-        o_inter.append(q_chunks[c] @ state)
-        state = decay_chunks[c][..., None, None] * state + k_chunks[c].transpose(-1, -2) @ v_chunks[c]
-        if layout is not None and c == layout.doc_last_chunk[doc]:
-            finals[doc] = state[0]
-    if layout is not None:
-        state = torch.stack(finals)
-    o = (o_intra + torch.stack(o_inter, dim=2)) * scale  # [B, H, n, C, V]
+        state0 = qc.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None \
+            else initial_state.to(compute)
+        entering, state = _walk(updates, chunk_decay, state0)
+    o_inter = q_from_start @ entering  # [B, H, n, C, V]
+    o = (o_intra + o_inter) * scale  # [B, H, n, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk_size, heads, value_dim)[:, :length]
     return o.to(q.dtype), state
+
+
+def _walk(updates: torch.Tensor, decay: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_{c+1} = decay_c S_c + updates_c over the chunk axis (-3 of updates [..., n, K, V], -1 of decay [..., n]).
+    Returns the state entering every chunk [..., n, K, V] and the final state [..., K, V]."""
+    entering = []
+    # unbind once: indexing [..., c, :, :] in the loop would give each chunk a full-size gradient buffer (O(T^2))
+    for update, gate in zip(updates.unbind(-3), decay.unbind(-1)):
+        entering.append(state)
+        state = torch.addcmul(update, gate[..., None, None], state)
+    return torch.stack(entering, dim=-3), state

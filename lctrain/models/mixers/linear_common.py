@@ -2,7 +2,8 @@
 
 Three situations, one entry point:
 - training on one device: rows are flattened to one packed stream and the op gets `cu_seqlens`, so every document
-  starts from a zero state;
+  starts from a zero state; when every row is one document (host metadata `ctx.docs.single_doc_rows`) the op runs
+  on the `[B, T]` batch directly;
 - sequence parallel: `lctrain.parallel` supplies the state entering this rank's shard (LASP-2);
 - decoding: the state (and short-convolution inputs) are carried in the per-layer cache.
 """
@@ -34,7 +35,8 @@ def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if ctx.sp is not None:
         from lctrain import parallel
         return getattr(parallel, f"sp_{name}")(q, k, v, **gates, placement=ctx.sp, backend=backend)
-    if ctx.cu_seqlens is None:
+    if ctx.cu_seqlens is None or (ctx.docs is not None and ctx.docs.single_doc_rows):
+        # every row is one document: the batched [B, T] path, no packing copies, rows walked together
         o, _ = op(q, k, v, **gates, backend=backend)
         return o
     flat_gates = {key: _flatten(val) if val is not None and val.dim() == 3 else val for key, val in gates.items()}
@@ -50,4 +52,6 @@ def short_conv(conv, x: torch.Tensor, ctx: BatchContext, layer_cache: dict | Non
     if ctx.sp is not None:
         from lctrain import parallel
         return parallel.sp_short_conv(conv, x, ctx.sp)
-    return conv(x, ctx.position_ids)
+    if ctx.docs is not None and ctx.docs.single_doc_rows:
+        return conv(x, None)  # one document per row: nothing to mask
+    return conv(x, ctx.position_ids, document_ids=ctx.document_ids)
