@@ -132,6 +132,21 @@ class Trainer:
                                          self.env.device, self._teacher_dtype())
         self.distiller = Distiller(self.teacher, self.cfg.distill, self.cfg.model.loss_chunk_tokens)
 
+    def _calibrate(self) -> None:
+        """Fit the converted layers' per-head output scales on the first training batch (the loader is rewound,
+        so training still starts with that batch)."""
+        from lctrain.convert.calibrate import calibrate_output_scales
+        from lctrain.convert.layers import converted_layers
+        position = self.data.train.state_dict()
+        batch = next(self.data.train)
+        self.data.train.load_state_dict(position)
+        inputs, ctx = self.batches.prepare(batch)
+        scales = calibrate_output_scales(self.model, self.teacher, converted_layers(self.model), inputs["input_ids"],
+                                         ctx, lambda t: all_reduce_sum(t, self.env))
+        if self.main:
+            shown = ", ".join(f"{i}: [{', '.join(f'{v:.2f}' for v in s.tolist())}]" for i, s in scales.items())
+            print(f"calibrated per-head output scales of converted layers {{{shown}}}", flush=True)
+
     def _align(self) -> None:
         """Stage 1 of a conversion (distill.align_steps): converted layers regress onto the attention outputs."""
         from lctrain.convert.align import align_layers
@@ -235,8 +250,10 @@ class Trainer:
             step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
             if self.main:
                 print(f"resumed from {latest} at step {step}", flush=True)
-        elif cfg.convert.enabled and cfg.distill.align_steps:
-            self._align()  # a fresh conversion: stage 1 before end-to-end distillation
+        elif cfg.convert.enabled:  # a fresh conversion: per-head output scales, then stage 1 (if asked)
+            self._calibrate()
+            if cfg.distill.align_steps:
+                self._align()
         model = engine.model
         model.train()
 

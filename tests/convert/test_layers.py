@@ -71,3 +71,96 @@ def test_new_gdn_layers_start_as_slow_additive_readers():
     assert not mixer.a_proj(x).any() and torch.all(torch.sigmoid(mixer.b_proj(x)) == 0.5)
     decay = torch.exp(-mixer.A_log.exp() * F.softplus(mixer.dt_bias))
     torch.testing.assert_close(decay, torch.exp(torch.linspace(math.log(0.9), math.log(0.999), 4)))
+
+
+def _ctx(ids):
+    from lctrain.models.context import BatchContext
+    return BatchContext.from_positions(torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+
+
+def _o_proj_inputs(model, layer, ids):
+    seen = {}
+    handle = model.layers[layer].mixer.o_proj.register_forward_hook(lambda m, a, o: seen.update(u=a[0]))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return seen["u"]
+
+
+def test_calibrated_scales_are_the_per_head_least_squares_fit():
+    """After calibration, moving any head's scale up or down moves its output away from the attention's."""
+    from lctrain.convert.calibrate import calibrate_output_scales
+    teacher = _teacher(n_kv_heads=2)
+    student = _student(teacher, "GLSA")
+    ids = torch.randint(0, 300, (2, 48))
+    scales = calibrate_output_scales(student, teacher, [0, 1, 2], ids, _ctx(ids))
+    assert set(scales) == {0, 1, 2}
+    torch.testing.assert_close(scales[2], torch.ones(4), rtol=1e-4, atol=1e-4)  # swa == attention on 48 tokens
+
+    def head_errors(layer, delta):
+        from lctrain.convert.calibrate import _projection_inputs
+        seen = {}
+        mixer = teacher.layers[layer].mixer
+        h = mixer.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+        target = _o_proj_inputs(teacher, layer, ids)
+        h.remove()
+        new = student.layers[layer].mixer
+        with torch.no_grad():
+            u = _projection_inputs(new, lambda: new(seen["x"], _ctx(ids)))
+        scale = scales[layer].repeat_interleave(u.shape[-1] // 4)
+        err = (u * (scale + delta) - target).reshape(-1, 4, u.shape[-1] // 4)
+        return err.pow(2).sum((0, 2))
+
+    for layer in (0, 1):
+        best = head_errors(layer, 0.0)
+        assert torch.all(head_errors(layer, 0.05) > best) and torch.all(head_errors(layer, -0.05) > best)
+
+
+@pytest.mark.slow
+def test_a_converted_layer_reads_like_the_attention_it_replaced(tmp_path):
+    """On a trained teacher's hidden states, converted + calibrated GDN and linear layers correlate with the attention
+    outputs they replace; the same layers freshly initialised (and calibrated the same way) do not."""
+    import glob
+    import subprocess
+    import sys
+    import sysconfig
+
+    import lctrain
+    from lctrain.convert.calibrate import calibrate_output_scales
+    from tests.train.conftest import ROOT, child_env
+
+    run = tmp_path / "teacher"
+    subprocess.run([sys.executable, "-m", "lctrain", "recipes/convert_teacher.yaml", f"run.dir={run}",
+                    "model.d_model=64", "data.seq_len=128", "data.vocab_size=512", "data.max_documents=200",
+                    "train.steps=200", "train.eval_interval=0", "logging.progress=none"],
+                   cwd=ROOT, env=child_env(tmp_path / "cache"), check=True, capture_output=True, timeout=900)
+    wrapped, tokenizer = lctrain.load_model(run)
+    teacher = wrapped.lm.eval()
+    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))[:40]
+    tokens = [t for f in files for t in tokenizer.encode(open(f, errors="replace").read())]
+    calib, held_out = (torch.tensor(tokens[i:i + 1024]).view(8, 128) for i in (0, 4096))
+
+    def correlations(pattern: str, fresh: bool) -> list[float]:
+        student = _student(teacher, pattern)
+        if fresh:
+            torch.manual_seed(5)
+            other = LanguageModel(student.cfg)
+            for i in range(3):
+                student.layers[i].mixer.load_state_dict(other.layers[i].mixer.state_dict())
+        calibrate_output_scales(student, teacher, [0, 1, 2], calib, _ctx(calib))
+        out = []
+        for layer in range(3):
+            seen = {}
+            h = teacher.layers[layer].mixer.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
+            with torch.no_grad():
+                teacher(held_out)
+                h.remove()
+                mine = student.layers[layer].mixer(seen["x"], _ctx(held_out))
+            a, b = mine.flatten() - mine.mean(), seen["y"].flatten() - seen["y"].mean()
+            out.append(float(a @ b / (a.norm() * b.norm())))
+        return out
+
+    for pattern in ("GGGA", "LLLA"):
+        converted, fresh = correlations(pattern, False), correlations(pattern, True)
+        assert sum(converted) / 3 > 0.2 and sum(converted) / 3 > sum(abs(f) for f in fresh) / 3 + 0.15, \
+            (pattern, converted, fresh)
