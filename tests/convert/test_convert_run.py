@@ -60,3 +60,21 @@ def test_conversion_without_a_source_is_one_line(cache_dir, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: convert.enabled: conversion starts from an attention model; set checkpoint.init_from to a run, a "
         "checkpoint or hf:PATH"]
+
+
+@pytest.mark.slow
+def test_conversion_under_ddp_equals_one_process(cache_dir, tmp_path, tokenizer):
+    """2 DDP ranks with 4 sequences each == 1 process with 8: calibration statistics are reduced over ranks and
+    the distillation loss is normalised by the step's targets, so the losses agree."""
+    from tests.train.conftest import train_losses
+    hf_dir = tmp_path / "llama"
+    save_llama(hf_dir, tokenizer.vocab_size)
+    tokenizer.save(hf_dir)
+    common = [f"checkpoint.init_from=hf:{hf_dir}", *SAME, "convert.enabled=true", "distill.enabled=true",
+              "distill.align_steps=2", "train.steps=3", "train.tokens_per_step=512"]
+    run_lctrain(cache_dir, tmp_path / "one", *common, "train.micro_batch_size=8")
+    run_lctrain(cache_dir, tmp_path / "two", *common, "train.micro_batch_size=4", nproc=2)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)

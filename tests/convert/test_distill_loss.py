@@ -43,3 +43,16 @@ def test_identical_models_have_zero_kl():
     labels = torch.randint(0, 30, (20,))
     _, kl, _, _ = distill_loss_sum(h, w, h, w, labels, 2.0, 0.5, 6)
     assert abs(float(kl)) < 1e-4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distill.enabled=true"], "distill.teacher: empty and checkpoint.init_from is empty"),
+    (["distill.align_steps=5", "checkpoint.init_from=x"], "distill.align_steps: layer alignment needs converted"),
+    (["distill.enabled=true", "checkpoint.init_from=x", "train.engine=deepspeed"], "train.engine=ddp"),
+    (["distill.alpha=1.5"], "distill.alpha: 1.5 is not allowed"),
+])
+def test_bad_distill_settings_are_one_line(overrides, message):
+    from lctrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
