@@ -59,19 +59,21 @@ class Distiller:
         self.chunk_tokens = distill_cfg.chunk_tokens or chunk_tokens
         self._sums = None
 
-    def loss_sum(self, model, student_head: torch.Tensor, inputs: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, labels = inputs["input_ids"], inputs["labels"]
+    def loss_sum(self, model, inputs: dict, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = inputs["input_ids"]
         with torch.no_grad():
             teacher_hidden = self.teacher(input_ids, ctx=ctx).hidden
-        hidden = model(input_ids, ctx=ctx).hidden
-        width = hidden.shape[-1]
-        loss, kl, ce, n = distill_loss_sum(hidden.reshape(-1, width), student_head,
-                                           teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-                                           self.teacher.head_weight, labels.reshape(-1), self.cfg.tau,
-                                           self.cfg.alpha, self.chunk_tokens)
-        sums = torch.stack([kl, ce]).double()
-        self._sums = sums if self._sums is None else self._sums + sums
-        return loss, n
+        teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+
+        def loss_fn(hidden, head_weight, labels):  # inside the student's forward: its head is whole there
+            loss, kl, ce, n = distill_loss_sum(hidden, head_weight, teacher_hidden, self.teacher.head_weight, labels,
+                                               self.cfg.tau, self.cfg.alpha, self.chunk_tokens)
+            sums = torch.stack([kl, ce]).detach().double()
+            self._sums = sums if self._sums is None else self._sums + sums
+            return loss, n
+
+        out = model(input_ids, labels=inputs["labels"], ctx=ctx, loss_fn=loss_fn)
+        return out.loss_sum, out.n_targets
 
     def step_metrics(self, n_global: float, reduce) -> dict:
         """Per-token KL and cross-entropy of the step just taken (summed over ranks by `reduce`)."""

@@ -202,7 +202,7 @@ class Trainer:
               else contextlib.nullcontext())
         with ac:
             if self.distiller is not None and model.training:
-                return self.distiller.loss_sum(model, self.model.head_weight, inputs, ctx)
+                return self.distiller.loss_sum(model, inputs, ctx)
             out = model(inputs["input_ids"], labels=inputs["labels"], ctx=ctx)
         return out.loss_sum, out.n_targets
 
