@@ -163,6 +163,30 @@ class LoraConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """Attention -> hybrid conversion (`lctrain.convert`): the model's shape follows `checkpoint.init_from` (an
+    attention model), `pattern` is the target; each layer that turns from `attn` into a linear-family type (G, L)
+    or `swa` (S) is initialised from that layer's attention weights. MLPs, norms and embeddings are kept."""
+    enabled: bool = False
+    pattern: str = ""  # target layer letters, repeated to n_layers; "": every `keep_every`-th layer stays attention
+    keep_every: int = 4  # with pattern "": layers keep_every-1, 2*keep_every-1, ... stay `attn`, the rest become `into`
+    into: str = "G"  # the letter converted layers take when pattern is ""
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (`lctrain.convert.distill`): loss = alpha * tau^2 *
+    KL(teacher || student at temperature tau) + (1 - alpha) * cross-entropy, a chunk of tokens at a time."""
+    enabled: bool = False
+    teacher: str = ""  # run/checkpoint dir or hf:PATH; "": checkpoint.init_from
+    alpha: float = 0.5
+    tau: float = 1.0
+    chunk_tokens: int = 0  # tokens per loss chunk; 0: model.loss_chunk_tokens
+    align_steps: int = 0  # stage 1: steps of per-layer output alignment (MSE), only converted layers train
+    align_lr: float = 1e-3
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = True
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
@@ -179,6 +203,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,6 +258,12 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora.alpha": (lambda v: v > 0, "a positive number"),
     "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "deepspeed.allgather_bucket_size": (lambda v: v > 0, "a positive integer"),
+    "convert.keep_every": (lambda v: v > 0, "a positive integer"),
+    "distill.alpha": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "distill.tau": (lambda v: v > 0, "a positive number"),
+    "distill.chunk_tokens": (lambda v: v >= 0, "0 (model.loss_chunk_tokens) or a positive integer"),
+    "distill.align_steps": (lambda v: v >= 0, "a non-negative integer"),
+    "distill.align_lr": (lambda v: v > 0, "a positive number"),
 }
 
 
@@ -452,6 +484,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps={cfg.train.steps}")
     _validate_deepspeed(cfg.deepspeed)
     _validate_lora(cfg)
+    _validate_convert(cfg)
     if m.attn_plan and not Path(m.attn_plan).is_file():
         raise ConfigError(f"model.attn_plan: file not found: {m.attn_plan} (write one with `lctrain moa search`)")
     sp = cfg.parallel.sp
@@ -503,6 +536,22 @@ def _validate_lora(cfg: Config) -> None:
         value = getattr(lora, key)
         if not all(isinstance(v, str) and v for v in value) or (key == "target_modules" and not value):
             raise ConfigError(f"lora.{key}: {value!r}; expected a list of module names like ['q_proj', 'v_proj']")
+
+
+def _validate_convert(cfg: Config) -> None:
+    if cfg.convert.enabled and not cfg.checkpoint.init_from:
+        raise ConfigError("convert.enabled: conversion starts from an attention model; set checkpoint.init_from to "
+                          "a run, a checkpoint or hf:PATH")
+    if cfg.distill.enabled and not (cfg.distill.teacher or cfg.checkpoint.init_from):
+        raise ConfigError("distill.teacher: empty and checkpoint.init_from is empty; name the teacher model")
+    if cfg.distill.align_steps and not cfg.convert.enabled:
+        raise ConfigError("distill.align_steps: layer alignment needs converted layers; set convert.enabled=true "
+                          "or distill.align_steps=0")
+    if cfg.distill.enabled and cfg.train.engine != "ddp":
+        raise ConfigError(f"distill.enabled: distillation runs with train.engine=ddp (the teacher is replicated, "
+                          f"the student's LM head is read whole); got {cfg.train.engine!r}")
+    if cfg.distill.enabled and cfg.lora.enabled:
+        raise ConfigError("distill.enabled: distillation with LoRA is not supported; set lora.enabled=false")
 
 
 def _validate_deepspeed(ds: DeepSpeedConfig) -> None:

@@ -84,9 +84,11 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, ctx: BatchContext | None = None,
-                return_logits: bool = False) -> LMOutput:
+                return_logits: bool = False, loss_fn=None) -> LMOutput:
         """input_ids/position_ids/labels [B, T] (labels -100 = ignored). Without `ctx`, document boundaries come
-        from position ids (0 at each document start; default: one document per row)."""
+        from position ids (0 at each document start; default: one document per row). `loss_fn(hidden [N, D],
+        head_weight, labels [N]) -> (loss_sum, n_targets)` replaces the cross-entropy (distillation); it runs inside
+        forward, where a sharding engine has the LM head's weight whole."""
         batch, seqlen = input_ids.shape
         if ctx is None:
             if position_ids is None:
@@ -101,8 +103,8 @@ class LanguageModel(nn.Module):
         hidden = self.norm(x)
         out = LMOutput(hidden=hidden)
         if labels is not None:
-            out.loss_sum, out.n_targets = chunked_cross_entropy_sum(
-                hidden.reshape(batch * seqlen, -1), self.head_weight, labels.reshape(-1), self.cfg.loss_chunk_tokens)
+            loss = loss_fn or (lambda h, w, y: chunked_cross_entropy_sum(h, w, y, self.cfg.loss_chunk_tokens))
+            out.loss_sum, out.n_targets = loss(hidden.reshape(batch * seqlen, -1), self.head_weight, labels.reshape(-1))
         if return_logits:
             out.logits = F.linear(hidden, self.head_weight)
         return out

@@ -76,6 +76,10 @@ class Trainer:
         elif cfg.checkpoint.init_from:
             from lctrain.export.run_files import follow_run_checkpoint
             follow_run_checkpoint(cfg, cfg.checkpoint.init_from)  # likewise from an lctrain run or checkpoint
+        teacher_cfg = None
+        if cfg.convert.enabled:  # the recipe's model now describes the source; turn it into the hybrid
+            from lctrain.convert.layers import convert_model_config
+            teacher_cfg = convert_model_config(cfg.model, cfg.convert)
 
         from lctrain.data import build_data  # imported late: datasets is slow to import
         self.data = build_data(cfg, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp, progress=self.main,
@@ -87,10 +91,15 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
 
         self.model = LanguageModel(cfg.model).to(env.device)
-        if cfg.checkpoint.init_from:
-            self._init_from(cfg.checkpoint.init_from)
-        self.batches = BatchPreparer(cfg, env, self.layout)
         self.autocast_dtype = self._autocast_dtype()
+        self.teacher = self.distiller = None
+        if teacher_cfg is not None:
+            self._convert_from(cfg.checkpoint.init_from, teacher_cfg)
+        elif cfg.checkpoint.init_from:
+            self._init_from(cfg.checkpoint.init_from)
+        if cfg.distill.enabled:
+            self._build_distiller()
+        self.batches = BatchPreparer(cfg, env, self.layout)
 
     def _init_from(self, source: str) -> None:
         load_weights(self.model, source)  # hf:PATH, a run, a checkpoint (a LoRA one merged with its base)
@@ -98,6 +107,70 @@ class Trainer:
             from lctrain.train.lora import apply_lora, describe_base
             self.model = apply_lora(self.model, self.cfg.lora)
             self.model._lora_base = describe_base(source)
+
+    def _teacher_dtype(self):
+        return self.autocast_dtype if self.env.device.type == "cuda" else None
+
+    def _convert_from(self, source: str, teacher_cfg) -> None:
+        """Attention source -> hybrid student: shared weights copied, converted layers initialised from the
+        attention they replace (lctrain.convert.layers)."""
+        from lctrain.convert.layers import init_from_attention
+        from lctrain.convert.teacher import build_teacher
+        self.teacher = build_teacher(source, teacher_cfg, self.env.device, None)
+        converted = init_from_attention(self.model, self.teacher)
+        if self.teacher is not None and self._teacher_dtype() is not None:
+            self.teacher = self.teacher.to(self._teacher_dtype())
+        if self.main:
+            print(f"converted layers {converted} of {source} into {self.cfg.model.pattern}", flush=True)
+
+    def _build_distiller(self) -> None:
+        from lctrain.convert.distill import Distiller
+        from lctrain.convert.teacher import build_teacher, teacher_model_config
+        source = self.cfg.distill.teacher or self.cfg.checkpoint.init_from
+        if self.teacher is None or source != self.cfg.checkpoint.init_from:
+            self.teacher = build_teacher(source, teacher_model_config(source, self.cfg.model.vocab_size),
+                                         self.env.device, self._teacher_dtype())
+        self.distiller = Distiller(self.teacher, self.cfg.distill, self.cfg.model.loss_chunk_tokens)
+
+    def _calibrate(self) -> None:
+        """Fit the converted layers' per-head output scales on the first training batch (the loader is rewound,
+        so training still starts with that batch)."""
+        from lctrain.convert.calibrate import calibrate_output_scales
+        from lctrain.convert.layers import converted_layers
+        position = self.data.train.state_dict()
+        batch = next(self.data.train)
+        self.data.train.load_state_dict(position)
+        inputs, ctx = self.batches.prepare(batch)
+        scales = calibrate_output_scales(self.model, self.teacher, converted_layers(self.model), inputs["input_ids"],
+                                         ctx, lambda t: all_reduce_sum(t, self.env))
+        if self.main:
+            shown = ", ".join(f"{i}: [{', '.join(f'{v:.2f}' for v in s.tolist())}]" for i, s in scales.items())
+            print(f"calibrated per-head output scales of converted layers {{{shown}}}", flush=True)
+
+    def _align(self) -> None:
+        """Stage 1 of a conversion (distill.align_steps): converted layers regress onto the attention outputs."""
+        from lctrain.convert.align import align_layers
+        from lctrain.convert.layers import converted_layers
+        steps = self.cfg.distill.align_steps
+        metrics = MetricsLogger(str(self.run_dir), self.main, self.cfg.logging.tensorboard)
+        progress = Progress("plain", steps, 0, self.main)
+
+        def report(k: int, mse: float) -> None:
+            record = {"step": k - steps, "stage": "align", "align_mse": mse}  # align lines carry steps <= 0
+            metrics.log(record)
+            if self.main and (k % self.cfg.train.log_interval == 0 or k == steps):
+                progress.write(f"align {k}/{steps} mse {mse:.5f}")
+
+        def autocast():
+            return (torch.autocast(self.env.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+
+        try:
+            align_layers(self.model, self.teacher, converted_layers(self.model), lambda: next(self.data.train),
+                         self.batches.prepare, steps, self.cfg.distill.align_lr, self.env, autocast, report)
+        finally:
+            progress.close()
+            metrics.close()
 
     def _autocast_dtype(self):
         choice = self.cfg.train.dtype
@@ -129,6 +202,8 @@ class Trainer:
         ac = (torch.autocast(self.env.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
               else contextlib.nullcontext())
         with ac:
+            if self.distiller is not None and model.training:
+                return self.distiller.loss_sum(model, inputs, ctx)
             out = model(inputs["input_ids"], labels=inputs["labels"], ctx=ctx)
         return out.loss_sum, out.n_targets
 
@@ -206,6 +281,10 @@ class Trainer:
             if latest is not None:
                 print(f"resumed from {latest} at step {step}", flush=True)
         ckpt.clean_partial()
+        if latest is None and cfg.convert.enabled:  # a fresh conversion: per-head output scales, then stage 1
+            self._calibrate()
+            if cfg.distill.align_steps:
+                self._align()
         model = engine.model
         model.train()
 
@@ -264,6 +343,8 @@ class Trainer:
                     loss_total += loss_sum.detach().double()
                 all_reduce_sum(loss_total, env)
                 loss = loss_total.item() / max(n_global, 1.0)
+                distill_metrics = ({} if self.distiller is None else
+                                   self.distiller.step_metrics(n_global, lambda t: all_reduce_sum(t, env)))
                 lr = engine.lr
                 grad_norm, applied = engine.step(loss)  # clip, then update (DDP skips non-finite steps)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -288,6 +369,7 @@ class Trainer:
                               "tokens_per_s": tps, "skipped_steps": skipped,
                               "step_time_s": (time.perf_counter() - step_t0) / cfg.train.log_interval}
                     record.update(self.batches.comm_stats())
+                    record.update(distill_metrics)
                     if env.device.type == "cuda":
                         record["max_reserved_gib"] = torch.cuda.max_memory_reserved(env.device) / 2**30
                         record["max_allocated_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30

@@ -1,0 +1,2 @@
+"""Fixtures shared with the export tests."""
+from tests.export.conftest import tokenizer  # noqa: F401
