@@ -25,16 +25,16 @@ from eval_runs import ROOT, bench_env, has_checkpoint, run  # noqa: E402
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
+    return sorted({r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r}.items())
 
 
-def train(recipe: str, run_dir: Path, env: dict, *overrides: str) -> float:
-    """Train (unless finished before) and return the wall time in seconds."""
-    if has_checkpoint(run_dir):
-        return float("nan")
+def train(recipe: str, run_dir: Path, env: dict, *overrides: str) -> float | None:
+    """Train, or resume an interrupted run (a finished one only re-evaluates); the wall time of a run trained in
+    one go, else None."""
+    fresh = not has_checkpoint(run_dir)
     t0 = time.perf_counter()
     run([sys.executable, "-m", "lctrain", recipe, f"run.dir={run_dir}", "logging.progress=none", *overrides], env)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0 if fresh else None
 
 
 def main() -> None:
