@@ -181,7 +181,7 @@ class DistillConfig:
     teacher: str = ""  # run/checkpoint dir or hf:PATH; "": checkpoint.init_from
     alpha: float = 0.5
     tau: float = 1.0
-    chunk_tokens: int = 0  # tokens per loss chunk; 0: model.loss_chunk_tokens
+    chunk_tokens: int = 0  # tokens per loss chunk; 0: model.loss_chunk_tokens (0 there too: auto, as the CE)
     align_steps: int = 0  # stage 1: steps of per-layer output alignment (MSE), only converted layers train
     align_lr: float = 1e-3
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.models.loss import loss_chunk_size
+
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over a large vocabulary wants fp32; float64 (tests) stays float64."""
@@ -36,9 +38,11 @@ def _chunk_terms(student_hidden, student_head, teacher_hidden, teacher_head, lab
 def distill_loss_sum(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
                      teacher_head: torch.Tensor, labels: torch.Tensor, tau: float, alpha: float,
                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden `[N, D]` (each model's final-norm output), heads `[vocab, D]`, labels `[N]` (-100 ignored).
+    """hidden `[N, D]` (each model's final-norm output), heads `[vocab, D]`, labels `[N]` (-100 ignored);
+    `chunk_tokens` 0 sizes chunks like the cross-entropy's auto mode (`lctrain.models.loss.loss_chunk_size`).
     Returns (loss_sum, kl_sum, ce_sum, n_targets); only loss_sum carries a gradient (to the student)."""
     total = student_hidden.new_zeros(3, dtype=torch.promote_types(student_hidden.dtype, torch.float32))
+    chunk_tokens = loss_chunk_size(chunk_tokens, student_hidden.shape[0], student_head.shape[0])
     for start in range(0, student_hidden.shape[0], chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         args = (student_hidden[piece], student_head, teacher_hidden[piece], teacher_head, labels[piece], tau, alpha)

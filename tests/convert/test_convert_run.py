@@ -28,7 +28,7 @@ def test_llama_converts_distils_and_exports(cache_dir, tmp_path, tokenizer):
     run = tmp_path / "run"
     proc = run_lctrain(cache_dir, run, f"checkpoint.init_from=hf:{hf_dir}", *SAME, "convert.enabled=true",
                        "convert.pattern=GGGA", "distill.enabled=true", "distill.align_steps=3", "distill.alpha=0.7",
-                       "distill.chunk_tokens=100", "train.steps=3")
+                       "distill.chunk_tokens=100", "model.loss_chunk_tokens=0", "train.steps=3")
     assert "converted layers [0, 1, 2]" in proc.stdout
     records = read_metrics(run)
     align = [r for r in records if r.get("stage") == "align"]

@@ -15,7 +15,7 @@ def _reference(hs, ws, ht, wt, labels, tau, alpha):
     return alpha * tau ** 2 * kl + (1 - alpha) * ce, kl, ce
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 50, 64])
+@pytest.mark.parametrize("chunk", [0, 1, 7, 50, 64])
 @pytest.mark.parametrize("tau,alpha", [(1.0, 0.5), (2.0, 1.0), (0.5, 0.0)])
 def test_chunks_equal_the_whole(chunk, tau, alpha):
     torch.manual_seed(0)
