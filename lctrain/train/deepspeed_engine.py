@@ -135,7 +135,7 @@ class DeepSpeedEngine:
         if self.stage == 3:
             trained = TupleOutputs(module)
             # The LM head multiplies by the embedding (or head) weight in the top-level forward, outside the
-            # module that owns it (and again when the chunked loss recomputes in backward): ZeRO-3 must gather it
+            # module that owns it (whose gradient the fused loss also forms there): ZeRO-3 must gather it
             # for the wrapper's forward and backward.
             deepspeed.zero.register_external_parameter(trained, module.head_weight)
         optimizer = build_optimizer(module, cfg.train)
