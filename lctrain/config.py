@@ -48,7 +48,8 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048  # cross-entropy is computed this many tokens at a time
     activation_checkpointing: bool = False
-    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    # softmax attention: auto = flash-attn if installed on CUDA, else the Triton kernels on CUDA, else torch
+    attn_backend: Literal["auto", "triton", "flash", "torch"] = "auto"
     # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.
     attn_plan: str = ""
 
