@@ -38,14 +38,6 @@ def kernel_backend(name: str | None) -> str | None:
     return None if name in (None, "auto") else name
 
 
-def local_op(backend: str | None) -> Callable:
-    """The op in `lctrain.kernels.local_attention`'s calling convention (what `sp_local_attention` calls)."""
-    def op(q, k, v, window, sink, scale, cu_seqlens=None, cu_seqlens_cpu=None, backend=backend):
-        return attention(q, k, v, window=window, sink=sink, scale=scale, cu_seqlens=cu_seqlens,
-                         cu_seqlens_cpu=cu_seqlens_cpu, backend=backend)
-    return op
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern, ctx: BatchContext,
            backend: str | None = None) -> torch.Tensor:
     """q `[B, T, H, D]`, k `[B, T, Hkv, D]`, v `[B, T, Hkv, Dv]` (this rank's tokens under SP) -> `[B, T, H, Dv]`."""
@@ -96,5 +88,4 @@ def _sequence_parallel(q, k, v, pattern: AttentionPattern, ctx: BatchContext, ba
         return sp_attention(q, k, v, placement, scale=pattern.scale, backend=backend)
     from lctrain.parallel import sp_local_attention  # halo of window - 1 keys plus the sink keys
     window, sink = pattern.spans(placement.orig_len)  # spans of the whole (unpadded) row
-    return sp_local_attention(q, k, v, window, sink, pattern.scale, placement, backend=backend,
-                              op=local_op(backend))
+    return sp_local_attention(q, k, v, window, sink, pattern.scale, placement, backend=backend)

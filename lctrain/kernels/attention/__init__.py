@@ -23,6 +23,7 @@ from lctrain.kernels.attention.pattern import Pattern
 from lctrain.kernels.utils import check_qkv_tensors, triton_interpreting
 
 __all__ = ["attention", "attention_forward", "attention_backward", "merge_partials", "naive_attention",
+           "local_attention_op",
            "resolve_attention_backend", "BACKENDS"]
 
 _OP = "attention"
@@ -238,3 +239,12 @@ def merge_partials(o_acc: torch.Tensor | None, lse_acc: torch.Tensor | None, o_b
     w_acc = torch.exp(lse_acc - safe).transpose(1, 2)[..., None]
     w_blk = torch.exp(lse_blk - safe).transpose(1, 2)[..., None]
     return o_acc * w_acc + o_blk * w_blk, lse
+
+
+def local_attention_op(backend: str | None = None):
+    """`attention` in `lctrain.kernels.local_attention`'s calling convention `op(q, k, v, window, sink, scale,
+    cu_seqlens=..., backend=...)` (plus `cu_seqlens_cpu`): what `sp_local_attention` calls per packed stream."""
+    def op(q, k, v, window, sink, scale, cu_seqlens=None, cu_seqlens_cpu=None, backend=backend):
+        return attention(q, k, v, window=window, sink=sink, scale=scale, cu_seqlens=cu_seqlens,
+                         cu_seqlens_cpu=cu_seqlens_cpu, backend=backend)
+    return op
