@@ -7,7 +7,7 @@ import triton
 
 from lctrain.kernels.attention.pattern import Pattern, document_bounds
 from lctrain.kernels.attention.triton_bwd import attention_bwd_dkv_kernel, attention_bwd_dq_kernel
-from lctrain.kernels.attention.triton_config import SUPPORTED_HEAD_DIMS, launch_config
+from lctrain.kernels.attention.triton_config import SUPPORTED_HEAD_DIMS, config_dtype, launch_config
 from lctrain.kernels.attention.triton_fwd import attention_fwd_kernel
 
 
@@ -48,7 +48,7 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: P
     if tq == 0 or k.shape[1] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     q_start, k_start, _, windows, sinks = _tables(q, k, pattern, cu_seqlens)
-    cfg = launch_config(head_dim, value_dim, "fwd")
+    cfg = launch_config(head_dim, value_dim, "fwd", config_dtype(q.dtype))
     attention_fwd_kernel[(triton.cdiv(tq, cfg.block_m), batch * heads)](
         q, k, v, o, lse, q_start, k_start, windows, sinks, *_dims(q, k, v, pattern),
         BM=cfg.block_m, BN=cfg.block_n, BD=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -69,13 +69,13 @@ def triton_backward(q, k, v, o, lse, grad_o, grad_lse, pattern: Pattern, cu_seql
     q_start, k_start, k_end, windows, sinks = _tables(q, k, pattern, cu_seqlens)
     dims = _dims(q, k, v, pattern)
     dq = _nan(q.shape, q, torch.float32)
-    cfg = launch_config(head_dim, value_dim, "bwd_dq")
+    cfg = launch_config(head_dim, value_dim, "bwd_dq", config_dtype(q.dtype))
     attention_bwd_dq_kernel[(triton.cdiv(tq, cfg.block_m), batch * heads)](
         q, k, v, grad_o, lse, delta, dq, q_start, k_start, windows, sinks, *dims,
         BM=cfg.block_m, BN=cfg.block_n, BD=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dk_head = _nan((batch, tk, heads, head_dim), q, torch.float32)
     dv_head = _nan((batch, tk, heads, value_dim), q, torch.float32)
-    cfg = launch_config(head_dim, value_dim, "bwd_dkv")
+    cfg = launch_config(head_dim, value_dim, "bwd_dkv", config_dtype(q.dtype))
     attention_bwd_dkv_kernel[(triton.cdiv(tk, cfg.block_n), batch * heads)](
         q, k, v, grad_o, lse, delta, dk_head, dv_head, q_start, k_start, k_end, windows, sinks, *dims,
         BM=cfg.block_m, BN=cfg.block_n, BD=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -111,7 +111,7 @@ def aot_specs(dtype: str, head_dims: list[tuple[int, int]] | None = None) -> lis
         head_dims = [(d, d) for d in SUPPORTED_HEAD_DIMS]
     specs = []
     for (name, kernel), signature in signatures.items():
-        for cfg in sorted({launch_config(d, dv, name) for d, dv in head_dims},
+        for cfg in sorted({launch_config(d, dv, name, dtype) for d, dv in head_dims},
                           key=lambda c: (c.block_d, c.block_m, c.block_n)):
             label = f"{kernel.__name__}[BM={cfg.block_m},BN={cfg.block_n},BD={cfg.block_d},warps={cfg.num_warps}]"
             constexprs = {"BM": cfg.block_m, "BN": cfg.block_n, "BD": cfg.block_d}
