@@ -28,7 +28,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if backend == "triton":
         from lctrain.kernels.attention.triton_attention import triton_forward  # triton is optional
         return triton_forward(q, k, v, pattern, cu_seqlens)
-    return blockwise_forward(q, k, v, pattern, cu_seqlens)
+    with torch.autocast(q.device.type, enabled=False):  # the torch path accumulates in fp32 by itself
+        return blockwise_forward(q, k, v, pattern, cu_seqlens)
 
 
 @attention_fwd.register_fake
@@ -49,7 +50,8 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     if backend == "triton":
         from lctrain.kernels.attention.triton_attention import triton_backward
         return triton_backward(q, k, v, o, lse, grad_o, grad_lse, pattern, cu_seqlens)
-    return blockwise_backward(q, k, v, o, lse, grad_o, grad_lse, pattern, cu_seqlens)
+    with torch.autocast(q.device.type, enabled=False):
+        return blockwise_backward(q, k, v, o, lse, grad_o, grad_lse, pattern, cu_seqlens)
 
 
 @attention_bwd.register_fake
