@@ -4,10 +4,11 @@
    8 packed documents of T / 8 tokens: peak RSS growth of a fresh process, for the fused op (blockwise torch
    path) and for the previous path (SDPA with a dense `[B, 1, T, T]` document mask, `--dense`).
 2. Ring sequence parallelism (sp = 4 gloo processes, zigzag, one document, 4 heads of 64) forward + backward
-   of `sp_attention`: the largest per-rank peak RSS growth, for each T.
+   of `sp_attention`: the largest rank's peak RSS (and its growth during the step), for each T.
 
     python bench/attention_memory.py                       # block at 4K/8K/16K (+ dense), ring at 16K/32K
     python bench/attention_memory.py --quick               # small sizes, seconds
+    python bench/attention_memory.py --block-lengths "" --out bench/results/attention_memory_ring_cpu   # ring only
 Prints a table, writes bench/results/attention_memory_cpu.json and .png.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def block_measurement(length: int, dense: bool) -> dict:
     step(length)
     seconds = time.perf_counter() - start
     return {"T": length, "method": "dense-mask SDPA" if dense else "fused op (torch path)",
-            "growth_mib": (peak_bytes() - before) / MIB, "seconds": seconds}
+            "growth_mib": (peak_bytes() - before) / MIB, "peak_rss_mib": peak_bytes() / MIB, "seconds": seconds}
 
 
 def _dense_forward(block, x, positions):
@@ -110,7 +111,8 @@ def _ring_worker(rank: int, world: int, port: int, length: int, out: str) -> Non
     dist.barrier()
     seconds = time.perf_counter() - start
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"growth_mib": (peak_bytes() - before) / MIB, "seconds": seconds}, f)
+        json.dump({"growth_mib": (peak_bytes() - before) / MIB, "peak_rss_mib": peak_bytes() / MIB,
+                   "seconds": seconds}, f)
     dist.destroy_process_group()
 
 
@@ -122,7 +124,8 @@ def ring_measurement(length: int, world: int = 4) -> dict:
         mp.spawn(_ring_worker, args=(world, 29000 + length % 997, length, out), nprocs=world, join=True)
         ranks = [json.load(open(f"{out}.{r}")) for r in range(world)]
     return {"T": length, "method": f"ring sp={world} (zigzag)", "growth_mib": max(r["growth_mib"] for r in ranks),
-            "per_rank_mib": [r["growth_mib"] for r in ranks], "seconds": max(r["seconds"] for r in ranks)}
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
+            "per_rank_growth_mib": [r["growth_mib"] for r in ranks], "seconds": max(r["seconds"] for r in ranks)}
 
 
 def _in_subprocess(kind: str, length: int, dense: bool = False) -> dict:
@@ -140,15 +143,16 @@ def _in_subprocess(kind: str, length: int, dense: bool = False) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--block-lengths", default=None, help="comma list (default 4096,8192,16384)")
-    parser.add_argument("--ring-lengths", default=None, help="comma list (default 16384,32768)")
+    parser.add_argument("--block-lengths", default=None, help="comma list (default 4096,8192,16384; '' skips)")
+    parser.add_argument("--ring-lengths", default=None, help="comma list (default 16384,32768; '' skips)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-mask reference")
     parser.add_argument("--out", default=str(RESULTS / "attention_memory_cpu"))
     args = parser.parse_args(argv)
-    block_lengths = [int(x) for x in (args.block_lengths or ("512,1024" if args.quick else "4096,8192,16384"))
-                     .split(",")]
-    ring_lengths = [int(x) for x in (args.ring_lengths or ("1024,2048" if args.quick else "16384,32768"))
-                    .split(",")]
+    def lengths(given, quick, full):
+        text = (quick if args.quick else full) if given is None else given
+        return [int(x) for x in text.split(",") if x]          # "" skips that part
+    block_lengths = lengths(args.block_lengths, "512,1024", "4096,8192,16384")
+    ring_lengths = lengths(args.ring_lengths, "1024,2048", "16384,32768")
     rows = []
     from tqdm import tqdm
     jobs = [("block", t, False) for t in block_lengths]
@@ -156,9 +160,10 @@ def main(argv=None) -> int:
     jobs += [("ring", t, False) for t in ring_lengths]
     for kind, length, dense in tqdm(jobs, desc="attention memory"):
         rows.append({"kind": kind, **_in_subprocess(kind, length, dense)})
-    print(f"{'kind':6} {'method':26} {'T':>7} {'growth MiB':>11} {'seconds':>8}")
+    print(f"{'kind':6} {'method':26} {'T':>7} {'growth MiB':>11} {'peak RSS MiB':>13} {'seconds':>8}")
     for r in rows:
-        print(f"{r['kind']:6} {r['method']:26} {r['T']:>7} {r['growth_mib']:>11.0f} {r['seconds']:>8.1f}")
+        print(f"{r['kind']:6} {r['method']:26} {r['T']:>7} {r['growth_mib']:>11.0f} "
+              f"{r.get('peak_rss_mib', float('nan')):>13.0f} {r['seconds']:>8.1f}")
     report = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
               "rows": rows}
     out = Path(args.out)
@@ -174,16 +179,20 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind, title in ((axes[0], "block", "one attn block fwd+bwd, 8 packed docs"),
-                            (axes[1], "ring", "ring SP, largest rank, fwd+bwd")):
+    panels = ((axes[0], "block", "one attn block fwd+bwd, 8 packed docs", ("growth_mib",)),
+              (axes[1], "ring", "ring SP sp=4, largest rank, fwd+bwd", ("peak_rss_mib", "growth_mib")))
+    for ax, kind, title, fields in panels:
         for method in sorted({r["method"] for r in rows if r["kind"] == kind}):
-            pts = [(r["T"], r["growth_mib"]) for r in rows if r["kind"] == kind and r["method"] == method]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+            for name in fields:
+                pts = [(r["T"], r[name]) for r in rows if r["kind"] == kind and r["method"] == method and name in r]
+                label = method if len(fields) == 1 else f"{method}: {name.replace('_mib', '').replace('_', ' ')}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("T (tokens)")
-        ax.set_ylabel("peak RSS growth (MiB)")
+        ax.set_ylabel("MiB")
         ax.set_title(title)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

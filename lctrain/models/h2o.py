@@ -2,9 +2,9 @@
 `recent` newest ones plus the "heavy hitters", the entries with the largest attention mass accumulated so far.
 
 Used by the decoding cache of the `attn` mixer (`lctrain.models.kv_cache`) when a budget is set (`set_kv_budget`,
-`eval --kv-budget`), so memory per layer stays constant however long the prompt and the generation. Entries are chosen per kv head (the query
-heads of a GQA group pool their scores), so heads may keep different positions; keys are cached after RoPE, so
-a kept key needs no position bookkeeping beyond the recency ranking.
+`eval --kv-budget`), so memory per layer stays constant however long the prompt and the generation. Entries are
+chosen per kv head (the query heads of a GQA group pool their scores), so heads may keep different positions; keys
+are cached after RoPE, so a kept key needs no position bookkeeping beyond the recency ranking.
 """
 from __future__ import annotations
 

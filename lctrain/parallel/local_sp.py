@@ -9,9 +9,9 @@ chunk are
   (every other document of the chunk starts inside it, so its sinks are local).
 
 Both are fetched point-to-point from whichever ranks hold them (any number of ranks back: the window may be
-longer than a chunk). Every rank derives the same fetch plan from `placement.doc_ids`, so sender and receiver
-agree on what moves without exchanging metadata. Each document piece of a local chunk then becomes one packed
-stream for the op: `[sinks | halo | piece]` for the piece that continues a document, `[piece]` for the others
+longer than a chunk). Every rank derives the same fetch plan from the placement's host document ids, so sender and
+receiver agree on what moves without exchanging metadata or reading the device. Each document piece of a local
+chunk then becomes one packed stream for the op: `[sinks | halo | piece]` for the piece that continues a document, `[piece]` for the others
 (optionally after a per-document prefix such as Titans' persistent tokens). A stream equals the document's true
 beginning except for a gap between sinks and halo that the window never crosses, so the op's own rule (window
 counted along the stream, sinks from the stream start) reproduces the full-sequence result exactly. Backward
@@ -67,6 +67,12 @@ class _FetchPlan:
     local: tuple[torch.Tensor, torch.Tensor]
     incoming: dict[int, torch.Tensor]
     outgoing: dict[int, torch.Tensor]
+
+    def to(self, device) -> "_FetchPlan":
+        """The plan's index tensors on `device` (planned on the host, used where the tokens are)."""
+        return _FetchPlan(self.slots, self.valid.to(device), tuple(t.to(device) for t in self.local),
+                          {r: t.to(device) for r, t in self.incoming.items()},
+                          {r: t.to(device) for r, t in self.outgoing.items()})
 
 
 def _plan(placement: SPPlacement, halo: int, sink: int) -> _FetchPlan:
@@ -247,12 +253,15 @@ def sp_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     n_local = len(placement.chunk_ids)
     prefix_len = 0 if prefix is None else prefix[0].shape[0]
 
-    plan = _plan(placement, halo, sinks)
+    # plan on the host (no device read-back), then move the index tensors once to where the tokens are
+    host = placement.host_view()
+    plan = _plan(host, halo, sinks)
+    key_source, query_source, offsets, output = _streams(host, plan.valid.reshape(rows, n_local, need), prefix_len)
+    plan = plan.to(q.device)
+    key_source, query_source, output = (t.to(q.device) for t in (key_source, query_source, output))
     head_dim = k.shape[-1]
     fetched = _Fetch.apply(torch.cat([k, v], dim=-1), plan, placement)     # [B * n_local * need, Hkv, D + Dv]
     fetched_k, fetched_v = fetched.split([head_dim, v.shape[-1]], dim=-1)
-    key_source, query_source, offsets, output = _streams(placement, plan.valid.reshape(rows, n_local, need),
-                                                         prefix_len)
 
     def table(local, extra, prefix_part):
         parts = [local.reshape((-1,) + tuple(local.shape[2:])), extra]

@@ -8,7 +8,7 @@ so it never mixes with real tokens in any mixer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ class SPPlacement:
                   on the host once per batch: which attention blocks to compute is decided from these.
     row_offsets:  the same on the device of the tokens (one host-to-device copy per batch), for the kernels.
     position_ids_cpu: the local positions on the host (for `BatchContext.from_positions(host_positions=...)`).
+    doc_ids_cpu:  `doc_ids` on the host: plans that decide what to fetch or compute read these (`host_view`).
     """
     layout: str
     groups: SPGroups
@@ -64,6 +65,11 @@ class SPPlacement:
     row_offsets_cpu: tuple[torch.Tensor, ...] = field(default=(), repr=False)
     row_offsets: tuple[torch.Tensor, ...] = field(default=(), repr=False)
     position_ids_cpu: torch.Tensor | None = field(default=None, repr=False)
+    doc_ids_cpu: torch.Tensor | None = field(default=None, repr=False)
+
+    def host_view(self) -> "SPPlacement":
+        """This placement with `doc_ids` on the host: planning code run on it reads no device tensor back."""
+        return self if self.doc_ids_cpu is None else replace(self, doc_ids=self.doc_ids_cpu)
 
     @property
     def sp_rank(self) -> int:
@@ -189,7 +195,8 @@ def shard_batch(batch: dict, sp_rank: int, sp_size: int, layout: str = "zigzag",
                             doc_ids=document_ids(full_positions), attention_mode=attention_mode,
                             row_offsets_cpu=offsets_cpu,
                             row_offsets=tuple(o.to(positions.device, non_blocking=True) for o in offsets_cpu),
-                            position_ids_cpu=host_full.index_select(1, host_index))
+                            position_ids_cpu=host_full.index_select(1, host_index),
+                            doc_ids_cpu=document_ids(host_full))
     return local, placement
 
 
