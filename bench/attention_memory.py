@@ -51,6 +51,9 @@ def block_measurement(length: int, dense: bool) -> dict:
     from lctrain.config import ModelConfig
     from lctrain.models.context import BatchContext
     from lctrain.models.mixers.attention import Attention
+    import importlib
+    op = importlib.import_module("lctrain.kernels.attention")  # the module (lctrain.kernels.attention is the function)
+    op.SDPA_MAX_DOCS = 0  # measure the op's own blockwise path, not torch's SDPA shortcut for a few documents
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=512, n_heads=8, attn_backend="torch")
     block = Attention(cfg, 0)

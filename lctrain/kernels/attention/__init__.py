@@ -152,7 +152,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             -inf, with o = 0, for a query that sees no key). Differentiable.
         q_offset, k_offset: global index of the first query / key (block form).
         backend: None (flash-attn if installed and the call fits it, else Triton on CUDA, else torch), "triton",
-            "torch", "flash" or "naive" (the float64 reference).
+            "torch", "flash" or "naive" (the float64 reference). "torch" runs torch's fused SDPA (causal, no
+            mask) for the plain causal form without window or log-sum-exp when every row is one document or the
+            row holds at most `SDPA_MAX_DOCS` documents (one call per document), and the blockwise path otherwise.
 
     Returns:
         o `[B, Tq, H, Dv]` in q's dtype, or `(o, lse)` with `return_lse`.
@@ -178,12 +180,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         o = o.view(batch, length, *o.shape[2:])
         if lse is not None:
             lse = lse.reshape(q.shape[2], batch, length).transpose(0, 1) if batch > 1 else lse
+    elif chosen == "torch" and not return_lse and _sdpa_fits(q, k, pattern, cu_seqlens):
+        o = _sdpa_per_document(q, k, v, pattern)
     else:
         if chosen == "triton":
             _check_triton(q, v)
         from lctrain.kernels.attention.op import attention_fwd
         o, lse = attention_fwd(q, k, v, *_op_args(pattern, cu_seqlens, cu_seqlens_cpu, chosen))
     return (o, lse) if return_lse else o
+
+
+SDPA_MAX_DOCS = 16  # beyond this, one Python call per document costs more than the blockwise path
+
+
+def _sdpa_fits(q, k, pattern: Pattern, cu_seqlens) -> bool:
+    """torch's fused SDPA (causal, no mask: a flash-style kernel, linear memory) serves the plain causal form
+    without a window when every row is one document, or per document for a few packed ones (host lengths)."""
+    if not pattern.causal or pattern.windows or pattern.q_offset or pattern.k_offset or q.shape[1] != k.shape[1] \
+            or q.shape[-1] != k.shape[-1] or torch.compiler.is_compiling():
+        return False
+    return cu_seqlens is None or (pattern.offsets is not None and len(pattern.offsets) - 1 <= SDPA_MAX_DOCS)
+
+
+def _sdpa_per_document(q, k, v, pattern: Pattern) -> torch.Tensor:
+    import torch.nn.functional as F
+    gqa = q.shape[2] != k.shape[2]
+
+    def one(a, b):
+        return F.scaled_dot_product_attention(q[:, a:b].transpose(1, 2), k[:, a:b].transpose(1, 2),
+                                              v[:, a:b].transpose(1, 2), is_causal=True, scale=pattern.scale,
+                                              enable_gqa=gqa).transpose(1, 2)
+    if pattern.offsets is None:
+        return one(0, q.shape[1])
+    bounds = [(a, b) for a, b in zip(pattern.offsets, pattern.offsets[1:]) if b > a]
+    return torch.cat([one(a, b) for a, b in bounds], dim=1)
 
 
 def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
