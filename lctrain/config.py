@@ -50,7 +50,8 @@ class ModelConfig:
     # logits fit lctrain.models.loss.AUTO_LOGITS_BUDGET_BYTES, often the whole micro-batch)
     loss_chunk_tokens: int = 0
     activation_checkpointing: bool = False
-    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    # softmax attention: auto = flash-attn if installed on CUDA, else the Triton kernels on CUDA, else torch
+    attn_backend: Literal["auto", "triton", "flash", "torch"] = "auto"
     # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.
     attn_plan: str = ""
 

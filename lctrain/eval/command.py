@@ -146,7 +146,7 @@ def eval_main(argv: list[str]) -> int:
         from lctrain.moa.apply import set_attn_plan
         set_attn_plan(target.model, args.attn_plan)
     if args.kv_budget is not None or args.kv_recent is not None:
-        from lctrain.eval.h2o import set_kv_budget
+        from lctrain.models.h2o import set_kv_budget
         try:
             set_kv_budget(target.model, args.kv_budget, args.kv_recent)
         except ValueError as exc:

@@ -50,6 +50,7 @@ AOT_MODULES: list[str] = [
     "lctrain.kernels.taylor_linear_attention.triton_chunk",
     "lctrain.kernels.titans_memory.triton_chunk",
     "lctrain.kernels.landmark_attention.triton_blocks",
+    "lctrain.kernels.attention.triton_attention",
 ]
 
 # Largest dynamic shared memory one block may use (opt-in limit), in bytes.

@@ -92,10 +92,11 @@ def sp_landmark_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
     group = q.shape[2] // k.shape[2]
     full = _GatherRow.apply(torch.cat([k, v], dim=-1), placement)
     full_k, full_v = (x.repeat_interleave(group, dim=2) for x in full.split([k.shape[-1], v.shape[-1]], dim=-1))
-    starts = _document_starts(placement.doc_ids).tolist()
+    host = placement.host_view()                          # piece boundaries from host values
+    starts = _document_starts(host.doc_ids).tolist()
     c = placement.chunk_size
     rows = []
-    for b, pieces in enumerate(_document_pieces(placement)):
+    for b, pieces in enumerate(_document_pieces(host)):
         outs = []
         for local, lo, hi in pieces:
             first = placement.chunk_ids[local] * c + lo                     # global index of the piece start

@@ -1,4 +1,4 @@
-"""Sliding-window attention with sinks (`lctrain.kernels.local_attention`) over a sequence split across SP ranks.
+"""Sliding-window attention with sinks (the attention op's window form) over a sequence split across SP ranks.
 
 A query at global index i of document d sees key j iff j <= i, j is in d, and (i - j < window or j is one of the
 first `sink` tokens of d). For the queries of one local chunk starting at global index s, the keys outside the
@@ -9,9 +9,9 @@ chunk are
   (every other document of the chunk starts inside it, so its sinks are local).
 
 Both are fetched point-to-point from whichever ranks hold them (any number of ranks back: the window may be
-longer than a chunk). Every rank derives the same fetch plan from `placement.doc_ids`, so sender and receiver
-agree on what moves without exchanging metadata. Each document piece of a local chunk then becomes one packed
-stream for the op: `[sinks | halo | piece]` for the piece that continues a document, `[piece]` for the others
+longer than a chunk). Every rank derives the same fetch plan from the placement's host document ids, so sender and
+receiver agree on what moves without exchanging metadata or reading the device. Each document piece of a local
+chunk then becomes one packed stream for the op: `[sinks | halo | piece]` for the piece that continues a document, `[piece]` for the others
 (optionally after a per-document prefix such as Titans' persistent tokens). A stream equals the document's true
 beginning except for a gap between sinks and halo that the window never crosses, so the op's own rule (window
 counted along the stream, sinks from the stream start) reproduces the full-sequence result exactly. Backward
@@ -67,6 +67,12 @@ class _FetchPlan:
     local: tuple[torch.Tensor, torch.Tensor]
     incoming: dict[int, torch.Tensor]
     outgoing: dict[int, torch.Tensor]
+
+    def to(self, device) -> "_FetchPlan":
+        """The plan's index tensors on `device` (planned on the host, used where the tokens are)."""
+        return _FetchPlan(self.slots, self.valid.to(device), tuple(t.to(device) for t in self.local),
+                          {r: t.to(device) for r, t in self.incoming.items()},
+                          {r: t.to(device) for r, t in self.outgoing.items()})
 
 
 def _plan(placement: SPPlacement, halo: int, sink: int) -> _FetchPlan:
@@ -162,7 +168,7 @@ def _streams(placement: SPPlacement, valid: torch.Tensor, prefix_len: int):
     """Index plan of the packed streams `[prefix | sinks | halo | first piece]`, `[prefix | piece]`, ...
 
     Rows of the source table: local tokens `[0, B*T_local)`, then fetched slots `[B*n_local*need)`, then the
-    prefix `[P)`, then one zero row. Returns (key sources `[S]`, query sources `[S]`, int32 offsets `[N+1]`,
+    prefix `[P)`, then one zero row. Returns (key sources `[S]`, query sources `[S]`, int32 CPU offsets `[N+1]`,
     stream position of every local token `[B*T_local]`).
     """
     c, local_len = placement.chunk_size, placement.local_len
@@ -188,8 +194,8 @@ def _streams(placement: SPPlacement, valid: torch.Tensor, prefix_len: int):
             output.append(length + before.numel() + torch.arange(hi - lo, device=device))
             length += before.numel() + hi - lo
     offsets.append(length)
-    return (torch.cat(key_parts), torch.cat(query_parts), torch.tensor(offsets, dtype=torch.int32, device=device),
-            torch.cat(output))
+    offsets_cpu = torch.tensor(offsets, dtype=torch.int32)
+    return torch.cat(key_parts), torch.cat(query_parts), offsets_cpu, torch.cat(output)
 
 
 def document_offsets(placement: SPPlacement) -> torch.Tensor:
@@ -214,8 +220,13 @@ def sp_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     (outputs and gradients) to the op on the full sequence. The window may span any number of earlier chunks.
     Collective over the SP group (point-to-point; every rank must call it).
     """
+    host_offsets = op is None
     if op is None:
-        from lctrain.kernels import local_attention as op  # late: the kernels are optional for sharding alone
+        from lctrain.kernels.attention import local_attention_op  # late: kernels are optional for sharding alone
+        op = local_attention_op(backend)
+    # per-head spans as int tensors [H] (host values), as the ops take them
+    window = torch.tensor(window) if isinstance(window, (list, tuple)) else window
+    sink = torch.tensor(sink) if isinstance(sink, (list, tuple)) else sink
     name = "sp_local_attention"
     if not isinstance(placement, SPPlacement):
         raise ValueError(f"{name}: placement must be an SPPlacement (from shard_batch), got {type(placement)}")
@@ -242,12 +253,15 @@ def sp_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     n_local = len(placement.chunk_ids)
     prefix_len = 0 if prefix is None else prefix[0].shape[0]
 
-    plan = _plan(placement, halo, sinks)
+    # plan on the host (no device read-back), then move the index tensors once to where the tokens are
+    host = placement.host_view()
+    plan = _plan(host, halo, sinks)
+    key_source, query_source, offsets, output = _streams(host, plan.valid.reshape(rows, n_local, need), prefix_len)
+    plan = plan.to(q.device)
+    key_source, query_source, output = (t.to(q.device) for t in (key_source, query_source, output))
     head_dim = k.shape[-1]
     fetched = _Fetch.apply(torch.cat([k, v], dim=-1), plan, placement)     # [B * n_local * need, Hkv, D + Dv]
     fetched_k, fetched_v = fetched.split([head_dim, v.shape[-1]], dim=-1)
-    key_source, query_source, offsets, output = _streams(placement, plan.valid.reshape(rows, n_local, need),
-                                                         prefix_len)
 
     def table(local, extra, prefix_part):
         parts = [local.reshape((-1,) + tuple(local.shape[2:])), extra]
@@ -260,6 +274,7 @@ def sp_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     q_stream = table(q, q.new_zeros((rows * n_local * need,) + tuple(q.shape[2:])), None
                      if prefix is None else q.new_zeros((prefix_len,) + tuple(q.shape[2:])))[query_source]
     stream_sink = sink + prefix_len if prefix_len else sink
-    o = op(q_stream[None], k_stream[None], v_stream[None], window, stream_sink, scale, cu_seqlens=offsets,
-           backend=backend)
+    extra = {"cu_seqlens_cpu": offsets} if host_offsets else {}   # an op given by the caller may not take them
+    o = op(q_stream[None], k_stream[None], v_stream[None], window, stream_sink, scale,
+           cu_seqlens=offsets.to(q.device), backend=backend, **extra)
     return o[0, output].reshape((rows, local_len) + tuple(o.shape[2:]))

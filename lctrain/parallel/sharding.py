@@ -8,8 +8,9 @@ so it never mixes with real tokens in any mixer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from lctrain.models.context import document_ids
@@ -45,6 +46,11 @@ class SPPlacement:
     doc_ids:      long `[B, T_pad]` document index of every token of the whole row (identical on all SP ranks;
                   attention masks use it for remote blocks without communication).
     attention_mode: default strategy of `sp_attention` for this batch ("allgather", "ulysses" or "ring").
+    row_offsets_cpu: per row, int32 CPU `[N+1]` document offsets of the whole padded row (global indices), built
+                  on the host once per batch: which attention blocks to compute is decided from these.
+    row_offsets:  the same on the device of the tokens (one host-to-device copy per batch), for the kernels.
+    position_ids_cpu: the local positions on the host (for `BatchContext.from_positions(host_positions=...)`).
+    doc_ids_cpu:  `doc_ids` on the host: plans that decide what to fetch or compute read these (`host_view`).
     """
     layout: str
     groups: SPGroups
@@ -56,6 +62,14 @@ class SPPlacement:
     position_ids: torch.Tensor
     doc_ids: torch.Tensor = field(repr=False)
     attention_mode: str = "allgather"
+    row_offsets_cpu: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    row_offsets: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    position_ids_cpu: torch.Tensor | None = field(default=None, repr=False)
+    doc_ids_cpu: torch.Tensor | None = field(default=None, repr=False)
+
+    def host_view(self) -> "SPPlacement":
+        """This placement with `doc_ids` on the host: planning code run on it reads no device tensor back."""
+        return self if self.doc_ids_cpu is None else replace(self, doc_ids=self.doc_ids_cpu)
 
     @property
     def sp_rank(self) -> int:
@@ -97,8 +111,22 @@ def _pad_value(key: str, tensor: torch.Tensor):
     return 0
 
 
+def host_row_offsets(positions: torch.Tensor, padded: int) -> tuple[torch.Tensor, ...]:
+    """Per row of host positions `[B, T]`: int32 CPU document offsets of the row padded to `padded` tokens (a
+    document starts at position 0 and at the row start; the padding is one more document)."""
+    rows, length = positions.shape
+    starts = (positions == 0).numpy().copy()
+    starts[:, 0] = True
+    out = []
+    for row in starts:
+        cuts = np.flatnonzero(row).tolist() + ([length] if padded > length else []) + [padded]
+        out.append(torch.tensor(cuts, dtype=torch.int32))
+    return tuple(out)
+
+
 def shard_batch(batch: dict, sp_rank: int, sp_size: int, layout: str = "zigzag",
-                groups: SPGroups | None = None, attention_mode: str = "allgather") -> tuple[dict, SPPlacement]:
+                groups: SPGroups | None = None, attention_mode: str = "allgather",
+                host_positions: torch.Tensor | None = None) -> tuple[dict, SPPlacement]:
     """Pad and split a packed batch; return this rank's tokens and their placement.
 
     batch: dict with `position_ids [B, T]` (required), usually `input_ids` and `labels [B, T]`; every tensor
@@ -106,6 +134,8 @@ def shard_batch(batch: dict, sp_rank: int, sp_size: int, layout: str = "zigzag",
     Returns `(local_batch, placement)` with every sharded tensor `[B, T_local, ...]`.
     groups: the SP grid for the placement's communication; default a single-process grid (sharding only).
     attention_mode: what `sp_attention(..., mode=None)` uses for this batch.
+    host_positions: the CPU copy of `position_ids` (the loader's): the host tables are built from it. Without it
+           they come from one copy of `position_ids` (a device sync when those live on an accelerator).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"shard_batch: layout must be one of {LAYOUTS}, got {layout!r}")
@@ -154,9 +184,19 @@ def shard_batch(batch: dict, sp_rank: int, sp_size: int, layout: str = "zigzag",
     local_positions = local["position_ids"]
     chunk_starts = torch.arange(len(ids), device=positions.device) * chunk
     continues = local_positions[:, chunk_starts] != 0
+    if host_positions is None or tuple(host_positions.shape) != (rows, length):
+        host_positions = positions.detach().cpu()
+    host_positions = host_positions.cpu()
+    offsets_cpu = host_row_offsets(host_positions, padded)
+    host_index = torch.cat([torch.arange(j * chunk, (j + 1) * chunk) for j in ids])
+    host_full = torch.cat([host_positions, torch.arange(pad, dtype=host_positions.dtype).expand(rows, pad)], dim=1)
     placement = SPPlacement(layout=layout, groups=groups, chunk_size=chunk, chunk_ids=ids, seq_len=padded,
                             orig_len=length, continues=continues, position_ids=local_positions,
-                            doc_ids=document_ids(full_positions), attention_mode=attention_mode)
+                            doc_ids=document_ids(full_positions), attention_mode=attention_mode,
+                            row_offsets_cpu=offsets_cpu,
+                            row_offsets=tuple(o.to(positions.device, non_blocking=True) for o in offsets_cpu),
+                            position_ids_cpu=host_full.index_select(1, host_index),
+                            doc_ids_cpu=document_ids(host_full))
     return local, placement
 
 

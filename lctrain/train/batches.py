@@ -19,11 +19,12 @@ class BatchPreparer:
         # (token id, block size) when the model has landmark layers; landmarks are inserted before sharding
         self.landmarks = landmark_layout(cfg)
 
-    def _shard(self, batch: dict) -> tuple[dict, object]:
+    def _shard(self, batch: dict, host_positions=None) -> tuple[dict, object]:
         from lctrain.parallel import shard_batch
         tensors = {k: v for k, v in batch.items() if k != "cu_seqlens"}  # boundaries are re-derived per shard
         return shard_batch(tensors, self.sp_groups.sp_rank, self.sp_groups.sp_size, layout=self.cfg.parallel.layout,
-                           groups=self.sp_groups, attention_mode=self.cfg.parallel.attn)
+                           groups=self.sp_groups, attention_mode=self.cfg.parallel.attn,
+                           host_positions=host_positions)
 
     def local_targets(self, batch: dict) -> int:
         """Target tokens this rank's loss will cover."""
@@ -41,8 +42,10 @@ class BatchPreparer:
                  if torch.is_tensor(v) and k != "cu_seqlens"}
         if self.sp_groups is None:
             return batch, BatchContext.from_positions(batch["position_ids"], host_positions=host_positions)
-        local, placement = self._shard(batch)
-        return local, BatchContext.from_positions(local["position_ids"], sp=placement)
+        # the SP host tables (per-row document offsets: which attention blocks to compute) come from the CPU copy
+        local, placement = self._shard(batch, host_positions)
+        return local, BatchContext.from_positions(local["position_ids"], sp=placement,
+                                                  host_positions=placement.position_ids_cpu)
 
     def comm_stats(self) -> dict:
         if self.sp_groups is None:

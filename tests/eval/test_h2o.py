@@ -5,7 +5,7 @@ import torch
 
 from lctrain.config import ModelConfig
 from lctrain.eval.generate import generate
-from lctrain.eval.h2o import h2o_attend, set_kv_budget
+from lctrain.models.h2o import h2o_attend, set_kv_budget
 from lctrain.models import LanguageModel
 from lctrain.models.context import BatchContext
 

@@ -1,7 +1,8 @@
 """`swa`: sliding-window causal softmax attention (optionally with attention sinks), RoPE, GQA, document masking.
 
 Each query attends the last `window` tokens of its own document (itself included) plus the first `sink` tokens
-of that document, through `lctrain.kernels.local_attention` (O(T * (window + sink)) time and memory). Decoding
+of that document, through the attention op's window form (`lctrain.models.attend`; O(T * (window + sink)) time
+and memory, sequence parallel by a halo exchange). Decoding
 keeps a rolling cache: the `sink` first keys/values and the `window - 1` most recent ones, so memory per layer
 stays constant however long the generation.
 """
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lctrain.config import ConfigError
-from lctrain.kernels import local_attention
+from lctrain.models.attend import AttentionPattern, attend, kernel_backend
 from lctrain.models.context import BatchContext
 from lctrain.models.mixers.qkv import add_qkv, rotated_qkv
 from lctrain.models.mixers.registry import register_mixer
@@ -41,18 +42,12 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q, k, v = rotated_qkv(self, x, ctx)
-        if ctx.cache is not None:
+        if ctx.cache is not None:  # a rolling cache of sink + window entries, not the full one
             o = self._attend_cached(q, k, v, ctx.cache.setdefault(self.layer_idx, {}))
-        elif ctx.sp is not None:
-            from lctrain.parallel import sp_local_attention  # halo of window - 1 keys plus the sink keys
-            o = sp_local_attention(q, k, v, self.window, self.sink, self.scale, ctx.sp, backend=self.backend)
-        elif ctx.cu_seqlens is None:
-            o = local_attention(q, k, v, self.window, self.sink, self.scale, backend=self.backend)
         else:
-            # Rows are flattened into one packed stream; cu_seqlens covers the B*T tokens.
-            flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
-            o = local_attention(*flat, self.window, self.sink, self.scale, cu_seqlens=ctx.cu_seqlens,
-                                backend=self.backend).view(batch, seqlen, self.n_heads, self.head_dim)
+            spans = (self.window, self.sink)
+            pattern = AttentionPattern(self.scale, spans=lambda length: spans, layer=self.layer_idx, probed=False)
+            o = attend(q, k, v, pattern, ctx, kernel_backend(self.backend))
         return self.o_proj(o.reshape(batch, seqlen, -1))
 
     def _attend_cached(self, q, k, v, entry: dict) -> torch.Tensor:

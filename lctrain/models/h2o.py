@@ -1,10 +1,10 @@
 """H2O KV-cache eviction for decoding (Zhang et al., 2023): each kv head keeps at most `budget` cached entries, the
 `recent` newest ones plus the "heavy hitters", the entries with the largest attention mass accumulated so far.
 
-Used by the `attn` mixer's incremental path when a budget is set (`set_kv_budget`, `eval --kv-budget`), so memory
-per layer stays constant however long the prompt and the generation. Entries are chosen per kv head (the query
-heads of a GQA group pool their scores), so heads may keep different positions; keys are cached after RoPE, so
-a kept key needs no position bookkeeping beyond the recency ranking.
+Used by the decoding cache of the `attn` mixer (`lctrain.models.kv_cache`) when a budget is set (`set_kv_budget`,
+`eval --kv-budget`), so memory per layer stays constant however long the prompt and the generation. Entries are
+chosen per kv head (the query heads of a GQA group pool their scores), so heads may keep different positions; keys
+are cached after RoPE, so a kept key needs no position bookkeeping beyond the recency ranking.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import torch.nn.functional as F
 
 
 def set_kv_budget(lm, budget: int | None, recent: int | None = None) -> None:
-    """Give every `attn` layer of `lm` an H2O budget (None: keep every entry). `recent` defaults to budget / 2."""
-    from lctrain.models.mixers.attention import Attention
-
+    """Give every `attn` layer of `lm` an H2O budget (None: keep every entry). `recent` defaults to budget / 2.
+    A layer takes part when its mixer has a `kv_budget` attribute (no import of the mixer: it imports this)."""
     if budget is not None and (budget < 2 or (recent is not None and not 0 <= recent < budget)):
         raise ValueError(f"kv budget {budget} / recent {recent}: expected budget >= 2 and 0 <= recent < budget")
     for layer in lm.layers:
-        if isinstance(layer.mixer, Attention):
+        if hasattr(layer.mixer, "kv_budget"):
             layer.mixer.kv_budget = None if budget is None else (budget, budget // 2 if recent is None else recent)
 
 
