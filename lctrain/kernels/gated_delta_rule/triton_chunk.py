@@ -41,15 +41,19 @@ def chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
     return indices, offsets.to(torch.int32)
 
 
-def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg):
-    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]`.
+def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg, cu_seqlens_cpu=None):
+    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]` (and its
+    host copy, from which the chunk tables are built without reading the device).
 
     Returns o `[T, H, V]` (q dtype), the final state `[N, H, K, V]` fp32 or None, and the saved tensors.
     """
     total, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
-    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, cfg.chunk)
+    if cu_seqlens_cpu is None:
+        cu_seqlens_cpu = cu_seqlens.cpu()
+    chunk_indices, chunk_offsets = (t.to(q.device, non_blocking=True)
+                                    for t in chunk_tables(cu_seqlens_cpu, cfg.chunk))
     num_chunks = chunk_indices.shape[0]
     f32 = {"dtype": torch.float32, "device": q.device}
     cum_gate = new_buffer((total, heads), **f32)
@@ -138,7 +142,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
     """Triton chunked Gated DeltaNet on flat packed tensors (see `_forward` for shapes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu=None):
         q, k, v = (x.contiguous() for x in (q, k, v))
         # Gates and write strengths are [T, H]: fp32 costs nothing and keeps one kernel variant per q dtype.
         g, beta = (x.to(torch.float32).contiguous() for x in (g, beta))
@@ -146,7 +150,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
             initial_state = initial_state.to(torch.float32).contiguous()
         cfg = launch_config(k.shape[-1], v.shape[-1], TORCH_DTYPES[q.dtype])
         o, final_state, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                         cu_seqlens, cfg)
+                                         cu_seqlens, cfg, cu_seqlens_cpu)
         ctx.save_for_backward(q, k, v, beta, cu_seqlens, *saved)
         ctx.scale, ctx.cfg = scale, cfg
         ctx.has_initial = initial_state is not None
@@ -160,11 +164,11 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
             d_final = d_final.to(torch.float32).contiguous()
         dq, dk, dv, dg, d_beta, d_initial = _backward(q, k, v, beta, ctx.scale, saved, d_out, d_final,
                                                       ctx.has_initial, cu_seqlens, ctx.cfg)
-        return dq, dk, dv, dg, d_beta, None, d_initial, None, None
+        return dq, dk, dv, dg, d_beta, None, d_initial, None, None, None
 
 
 def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                            cu_seqlens=None):
+                            cu_seqlens=None, cu_seqlens_cpu=None):
     """Triton Gated DeltaNet on `[B, T, H, D]` inputs (shapes as in `lctrain.kernels.gated_delta_rule`).
 
     Returns o `[B, T, H, V]` in q's dtype and the final state `[N, H, K, V]` fp32 or None.
@@ -172,13 +176,15 @@ def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_
     batch, seq_len, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * seq_len
+        cu_seqlens_cpu = torch.arange(0, batch + 1, dtype=torch.int32) * seq_len
+        cu_seqlens = cu_seqlens_cpu.to(q.device, non_blocking=True)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     flat = batch * seq_len
     o, final_state = GatedDeltaRuleFunction.apply(
         q.reshape(flat, heads, key_dim), k.reshape(flat, heads, key_dim), v.reshape(flat, heads, value_dim),
-        g.reshape(flat, heads), beta.reshape(flat, heads), scale, initial_state, output_final_state, cu_seqlens)
+        g.reshape(flat, heads), beta.reshape(flat, heads), scale, initial_state, output_final_state, cu_seqlens,
+        cu_seqlens_cpu)
     return o.reshape(batch, seq_len, heads, value_dim), final_state
 
 
