@@ -78,13 +78,14 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
     types, names = _parse(signature)
     grad_index = [names.index(n) for n in differentiable]
     tensor_index = [i for i, t in enumerate(types) if t.startswith("Tensor")]
-    outs = ", ".join(["Tensor"] * num_outputs)
+    outs = "Tensor" if num_outputs == 1 else "(" + ", ".join(["Tensor"] * num_outputs) + ")"
     qualified = f"{NAMESPACE}::{name}"
 
     def forward_impl(*args):
         with torch.no_grad():  # the backward recomputes; nothing here needs a graph
             outputs = run(*args)
-        return tuple(_fresh([o if o is not None else _placeholder(args) for o in outputs], args))
+        fresh = _fresh([o if o is not None else _placeholder(args) for o in outputs], args)
+        return fresh[0] if num_outputs == 1 else tuple(fresh)
 
     def backward_impl(*args):
         *args, grads, needs = args
@@ -112,13 +113,14 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
                 result.append(_placeholder(args))
         return _fresh(result, list(args) + [g for g in grads if g is not None])
 
-    fwd = torch.library.custom_op(qualified, forward_impl, mutates_args=(), schema=f"({signature}) -> ({outs})")
+    fwd = torch.library.custom_op(qualified, forward_impl, mutates_args=(), schema=f"({signature}) -> {outs}")
     bwd = torch.library.custom_op(f"{qualified}_backward", backward_impl, mutates_args=(),
                                   schema=f"({signature}, Tensor?[] grads, bool[] needs) -> Tensor[]")
 
     @fwd.register_fake
     def _(*args):
-        return tuple(fake(*args))
+        outputs = fake(*args)
+        return outputs[0] if num_outputs == 1 else tuple(outputs)
 
     @bwd.register_fake
     def _(*args):
@@ -147,7 +149,14 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
         return tuple(result)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd
+    if num_outputs > 1:
+        return fwd
+
+    def call(*args):
+        return (fwd(*args),)
+
+    call.op = fwd  # the registered op itself (for opcheck)
+    return call
 
 
 def none_if_empty(t: torch.Tensor) -> torch.Tensor | None:

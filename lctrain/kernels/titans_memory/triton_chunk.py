@@ -42,7 +42,8 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
     M, S `[N, H, K, V]` fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_size, cu_seqlens):
+    def forward(ctx, q, k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_size, cu_seqlens,
+                cu_seqlens_cpu=None):
         q, k, v = (x.contiguous() for x in (q, k, v))
         alpha, eta, theta = (x.to(torch.float32).contiguous() for x in (alpha, eta, theta))
         has_initial = initial_memory is not None
@@ -53,7 +54,8 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
         value_dim = v.shape[-1]
         num_seqs = cu_seqlens.numel() - 1
         cfg = launch_config(key_dim, value_dim, chunk_size, TORCH_DTYPES[q.dtype])
-        chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, chunk_size)
+        host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # tables built on the host
+        chunk_indices, chunk_offsets = (t.to(q.device, non_blocking=True) for t in chunk_tables(host, chunk_size))
         num_chunks = chunk_indices.shape[0]
         f32 = {"dtype": torch.float32, "device": q.device}
         o = new_buffer((total, heads, value_dim), q.dtype, q.device)
@@ -121,11 +123,11 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
         d_alpha, d_eta, d_theta = (part.sum(0) for part in gate_parts)
         d_initial = (d_initial_memory, d_initial_momentum) if ctx.has_initial else (None, None)
         return (dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv.to(v.dtype), d_alpha, d_eta, d_theta,
-                *d_initial, None, None)
+                *d_initial, None, None, None)
 
 
 def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_state=None,
-                                output_final_state=False, cu_seqlens=None):
+                                output_final_state=False, cu_seqlens=None, cu_seqlens_cpu=None):
     """Triton Titans linear memory on `[B, T, H, D]` inputs (validated; shapes as in `titans_linear_memory`).
 
     Returns o `[B, T, H, V]` in q's dtype and the final `(M, S)` (fp32, `[N, H, K, V]`) or None.
@@ -133,7 +135,8 @@ def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
+        cu_seqlens_cpu = torch.arange(0, batch + 1, dtype=torch.int32) * length
+        cu_seqlens = cu_seqlens_cpu.to(q.device, non_blocking=True)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     flat = batch * length
@@ -141,7 +144,7 @@ def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_
     o, memory, momentum = TitansLinearMemoryFunction.apply(
         q.reshape(flat, heads, key_dim), k.reshape(flat, heads, key_dim), v.reshape(flat, heads, value_dim),
         alpha.reshape(flat, heads), eta.reshape(flat, heads), theta.reshape(flat, heads),
-        initial_memory, initial_momentum, chunk_size, cu_seqlens)
+        initial_memory, initial_momentum, chunk_size, cu_seqlens, cu_seqlens_cpu)
     return o.reshape(batch, length, heads, value_dim), ((memory, momentum) if output_final_state else None)
 
 
