@@ -84,7 +84,8 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
     def forward_impl(*args):
         with torch.no_grad():  # the backward recomputes; nothing here needs a graph
             outputs = run(*args)
-        fresh = _fresh([o if o is not None else _placeholder(args) for o in outputs], args)
+        # Contiguous outputs: the fake implementation promises dense strides.
+        fresh = _fresh([o.contiguous() if o is not None else _placeholder(args) for o in outputs], args)
         return fresh[0] if num_outputs == 1 else tuple(fresh)
 
     def backward_impl(*args):
@@ -108,7 +109,8 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
         for i in grad_index:
             if i in by_index:
                 grad = by_index[i]
-                result.append(torch.zeros_like(args[i]) if grad is None else grad.detach())
+                result.append(torch.zeros(args[i].shape, dtype=args[i].dtype, device=args[i].device) if grad is None
+                              else grad.detach().contiguous())
             else:
                 result.append(_placeholder(args))
         return _fresh(result, list(args) + [g for g in grads if g is not None])
@@ -125,7 +127,7 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
     @bwd.register_fake
     def _(*args):
         *args, _grads, needs = args
-        return [torch.empty_like(args[i]) if need and args[i] is not None else _placeholder(args)
+        return [args[i].new_empty(args[i].shape) if need and args[i] is not None else _placeholder(args)
                 for i, need in zip(grad_index, needs)]
 
     def setup_context(ctx, inputs, output):
