@@ -34,11 +34,13 @@ def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if ctx.sp is not None:
         from lctrain import parallel
         return getattr(parallel, f"sp_{name}")(q, k, v, **gates, placement=ctx.sp, backend=backend)
-    if ctx.cu_seqlens is None:
+    docs = ctx.docs
+    if ctx.cu_seqlens is None or (docs is not None and docs.single_doc_rows):  # host value: no device read
         o, _ = op(q, k, v, **gates, backend=backend)
         return o
     flat_gates = {key: _flatten(val) if val is not None and val.dim() == 3 else val for key, val in gates.items()}
-    o, _ = op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, cu_seqlens=ctx.cu_seqlens, backend=backend)
+    o, _ = op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, cu_seqlens=ctx.cu_seqlens,
+              cu_seqlens_cpu=None if docs is None else docs.cu_seqlens_cpu, backend=backend)
     return o.reshape(batch, seqlen, *o.shape[2:])
 
 
