@@ -48,6 +48,8 @@ class ModelConfig:
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048  # cross-entropy is computed this many tokens at a time
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block (lctrain.models.compile)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
     # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.
     attn_plan: str = ""
