@@ -20,6 +20,14 @@ def _flatten(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
+def op_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q/k/v should reach a kernel op in: the autocast dtype while autocast is on (the fp32 residual
+    stream and fp32 short-convolution weights would otherwise promote them and select the fp32 kernel variant:
+    twice the bytes, tf32 dots), else x's own. Ops keep states and accumulation in fp32 either way."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
                   layer_cache: dict | None, backend: str | None = None, **gates) -> torch.Tensor:
     """Run `lctrain.kernels.<name>(q, k, v, **gates, ...)` for q/k [B, T, H, K], v [B, T, H, V]; gates are
