@@ -64,11 +64,11 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
     if num_chunks:
         gdn_fwd_inverse_kernel[(num_chunks, heads)](
             q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chunk_indices, scale, heads, key_dim,
-            BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         gdn_fwd_wu_kernel[(num_chunks, heads)](
             k, v, beta, cum_gate, a_inv, w, u, cu_seqlens, chunk_indices, heads, key_dim, value_dim,
             BT=cfg.chunk, BK=cfg.key_block, BV=cfg.value_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     chunk_states = new_buffer((num_chunks, heads, key_dim, value_dim), **f32)
     delta = new_buffer((total, heads, value_dim), **f32)
     final_state = new_buffer((num_seqs, heads, key_dim, value_dim), **f32) if store_final else None
@@ -76,13 +76,13 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
         k, w, u, cum_gate, initial_state, chunk_states, delta, final_state, cu_seqlens, chunk_offsets, heads,
         key_dim, value_dim, BT=cfg.chunk, BK=cfg.state_key_block, BV=cfg.state_value_block,
         HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, PRECISION=cfg.precision,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o = new_buffer((total, heads, value_dim), dtype=q.dtype, device=q.device)
     if num_chunks:
         gdn_fwd_output_kernel[(num_chunks, triton.cdiv(value_dim, cfg.value_block), heads)](
             q, cum_gate, a_qk, delta, chunk_states, o, cu_seqlens, chunk_indices, scale, heads,
             key_dim, value_dim, BT=cfg.chunk, BK=cfg.key_block, BV=cfg.value_block,
-            PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     saved = (cum_gate, a_inv, a_qk, w, delta, chunk_states, chunk_indices, chunk_offsets)
     return o, final_state, saved
 
@@ -103,7 +103,7 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
         q, k, w, cum_gate, a_qk, d_out, d_final, chunk_grads, d_delta, d_initial, cu_seqlens, chunk_offsets,
         scale, heads, key_dim, value_dim, BT=cfg.chunk, BK=cfg.state_key_block,
         BV=cfg.state_value_block, HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=want_d_initial,
-        PRECISION=cfg.precision, num_warps=cfg.num_warps)
+        PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dq = new_buffer(q.shape, dtype=q.dtype, device=q.device)
     dv = new_buffer(v.shape, dtype=v.dtype, device=v.device)
     dk_part = new_buffer((total, heads, key_dim), **f32)
@@ -116,7 +116,8 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
     dg = new_buffer((total, heads), **f32)
     if num_chunks:
         grid = (num_chunks, heads)
-        per_chunk = {"BT": cfg.chunk, "PRECISION": cfg.precision, "num_warps": cfg.num_warps}
+        per_chunk = {"BT": cfg.chunk, "PRECISION": cfg.precision, "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages}
         gdn_bwd_dv_kernel[grid](
             v, beta, cum_gate, a_inv, a_qk, delta, d_out, d_delta, dv, d_qk, d_beta_part, d_gate_part, d_a,
             cu_seqlens, chunk_indices, scale, heads, value_dim, BV=cfg.intra_value_block, **per_chunk)
@@ -134,7 +135,7 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
         gdn_bwd_wy_kernel[(num_chunks, heads)](
             k, beta, cum_gate, a_inv, d_a, dk_part, d_beta_part, d_gate_part, dk, d_beta, dg, cu_seqlens,
             chunk_indices, heads, key_dim, BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dg, d_beta, d_initial
 
 
@@ -225,7 +226,7 @@ def aot_specs(dtype: str, head_dims=None) -> list:
     if head_dims is None:
         head_dims = [(kd, vd) for kd in SUPPORTED_KEY_DIMS for vd in SUPPORTED_VALUE_DIMS]
     configs = [launch_config(kd, vd, dtype) for kd, vd in head_dims]
-    variants = {}  # label -> (kernel, constexprs, num_warps); dict keeps the first of equal labels
+    variants = {}  # label -> (kernel, constexprs, num_warps, num_stages); dict keeps the first of equal labels
     for cfg in configs:
         common = {"BT": cfg.chunk, "PRECISION": cfg.precision}
         per_chunk = {**common, "BK": cfg.key_block, "BV": cfg.value_block}
@@ -245,11 +246,11 @@ def aot_specs(dtype: str, head_dims=None) -> list:
         ]
         for kernel, constexprs, warps in launches:
             shape = ",".join(f"{key}={constexprs[key]}" for key in ("BT", "BK", "BV") if key in constexprs)
-            label = f"{kernel.__name__}[{shape},warps={warps}]"
-            variants.setdefault(label, (kernel, constexprs, warps))
+            label = f"{kernel.__name__}[{shape},warps={warps},stages={cfg.num_stages}]"
+            variants.setdefault(label, (kernel, constexprs, warps, cfg.num_stages))
     specs = []
-    for label, (kernel, constexprs, warps) in variants.items():
+    for label, (kernel, constexprs, warps, stages) in variants.items():
         sig = _signature(kernel, constexprs, dtype)
-        specs.append(AotSpec(kernel, sig, constexprs, warps, 1, label,
+        specs.append(AotSpec(kernel, sig, constexprs, warps, stages, label,
                              divisibility_attrs(kernel, sig, ints=("K", "V"))))
     return specs

@@ -68,12 +68,12 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
             k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_memory, chunk_momentum,
             final_memory, final_momentum, cu_seqlens, chunk_offsets, chunk_size, heads, key_dim, value_dim,
             BT=cfg.chunk_tile, BK=cfg.key_block, BV=cfg.value_block, HAS_INITIAL=has_initial,
-            PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if num_chunks:
             titans_fwd_output_kernel[(num_chunks, heads, num_v_blocks)](
                 q, k, v, alpha, eta, theta, chunk_memory, chunk_momentum, o, cu_seqlens, chunk_indices,
                 chunk_size, heads, key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block,
-                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, alpha, eta, theta, chunk_memory, chunk_momentum, cu_seqlens,
                               chunk_indices, chunk_offsets)
         ctx.cfg, ctx.chunk_size, ctx.has_initial = cfg, chunk_size, has_initial
@@ -104,12 +104,12 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
             titans_bwd_local_kernel[(num_chunks, heads, num_v_blocks)](
                 q, k, alpha, eta, theta, d_out, d_error_local, cu_seqlens, chunk_indices, chunk_size, heads,
                 key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block, BV=cfg.value_block,
-                PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         titans_bwd_state_kernel[(num_seqs * heads, num_v_blocks)](
             q, k, alpha, eta, theta, d_out, d_error_local, d_final_memory, d_final_momentum, chunk_d_memory,
             chunk_d_momentum, d_initial_memory, d_initial_momentum, cu_seqlens, chunk_offsets, chunk_size, heads,
             key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.key_block, BV=cfg.value_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         dq_part = new_buffer((num_v_blocks, total, heads, key_dim), **f32)
         dk_part = new_buffer((num_v_blocks, total, heads, key_dim), **f32)
         dv = new_buffer((total, heads, value_dim), **f32)
@@ -119,7 +119,7 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
                 q, k, v, alpha, eta, theta, d_out, chunk_memory, chunk_momentum, chunk_d_memory,
                 chunk_d_momentum, dq_part, dk_part, dv, *gate_parts, cu_seqlens, chunk_indices, chunk_size,
                 total, heads, key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block,
-                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         d_alpha, d_eta, d_theta = (part.sum(0) for part in gate_parts)
         d_initial = (d_initial_memory, d_initial_momentum) if ctx.has_initial else (None, None)
         return (dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv.to(v.dtype), d_alpha, d_eta, d_theta,
@@ -194,11 +194,11 @@ def aot_specs(dtype: str, head_dims=None, chunk_sizes=CHUNK_TILES) -> list:
             ]
             for kernel, constexprs, warps in launches:
                 shape = ",".join(f"{key}={constexprs[key]}" for key in ("BT", "BK", "BV"))
-                label = f"{kernel.__name__}[{shape},{constexprs['PRECISION']},warps={warps}]"
-                variants.setdefault(label, (kernel, constexprs, warps))
+                label = f"{kernel.__name__}[{shape},{constexprs['PRECISION']},warps={warps},stages={cfg.num_stages}]"
+                variants.setdefault(label, (kernel, constexprs, warps, cfg.num_stages))
     specs = []
-    for label, (kernel, constexprs, warps) in variants.items():
+    for label, (kernel, constexprs, warps, stages) in variants.items():
         sig = _signature(kernel, constexprs, dtype)
-        specs.append(AotSpec(kernel, sig, constexprs, warps, 1, label,
+        specs.append(AotSpec(kernel, sig, constexprs, warps, stages, label,
                              divisibility_attrs(kernel, sig, ints=("K", "V"))))
     return specs
