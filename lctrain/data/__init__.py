@@ -103,8 +103,13 @@ def _describe(source: Source) -> str:
 
 @contextmanager
 def _datasets_progress(enabled: bool):
-    """Silence HF datasets' own progress bars when ours are off, restoring the previous setting afterwards."""
-    import datasets
+    """Silence HF datasets' own progress bars when ours are off, restoring the previous setting afterwards.
+    A no-op without the `datasets` package: synthetic, stdlib and token-file sources never need it."""
+    try:
+        import datasets
+    except ImportError:
+        yield
+        return
 
     was_enabled = datasets.is_progress_bar_enabled()
     if not enabled:
