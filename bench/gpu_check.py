@@ -158,8 +158,8 @@ def section_environment(sec: Section) -> None:
             info["driver"] = None
     sec.add(**info)
     backends = {"case": "backends", "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention")}
-    for name, module in (("flash_attn", "flash_attn"), ("fla", "fla"), ("lctrain_attention", "lctrain.kernels.attention"),
-                         ("datasets", "datasets"), ("deepspeed", "deepspeed")):
+    for name, module in (("flash_attn", "flash_attn"), ("fla", "fla"), ("datasets", "datasets"),
+                         ("lctrain_attention", "lctrain.kernels.attention"), ("deepspeed", "deepspeed")):
         try:
             __import__(module)
             backends[name] = True

@@ -115,3 +115,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op
         if any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {offsets}")
     return cu_seqlens.numel() - 1
+
+
+MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2; the Triton kernels put the document on axis 2
+
+
+def check_triton_documents(op: str, num_seqs: int) -> None:
+    """One-line ValueError when a batch holds more documents than the Triton launch grid can address."""
+    if num_seqs > MAX_GRID_DOCUMENTS:
+        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_DOCUMENTS} documents per call (one grid "
+                         f"row each), got {num_seqs}; split the batch or merge short documents")

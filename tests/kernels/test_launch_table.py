@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lctrain import kernels
 from lctrain.kernels import aot
 
-pytestmark = pytest.mark.skipif(not kernels.utils.triton_interpreting(), reason="needs TRITON_INTERPRET=1")
+INTERPRETED = pytest.mark.skipif(not kernels.utils.triton_interpreting(), reason="needs TRITON_INTERPRET=1")
 
 DEFAULT_STAGES = 3  # Triton's num_stages when a launch does not pass one
 
@@ -66,6 +66,7 @@ def _run_ops():
     sum(o.float().square().sum() for o in outs).backward()
 
 
+@INTERPRETED
 @pytest.mark.slow
 def test_every_launch_is_an_aot_checked_configuration(launches):
     _run_ops()
@@ -76,3 +77,40 @@ def test_every_launch_is_an_aot_checked_configuration(launches):
         assert any(_matches(spec, kwargs) for spec in table[name]), (
             f"{name} launched with num_warps={kwargs.get('num_warps')}, num_stages={kwargs.get('num_stages')}, "
             f"{ {k: v for k, v in kwargs.items() if k.isupper()} } — not among its AOT specs")
+
+
+@INTERPRETED
+@pytest.mark.slow
+def test_launch_grids_equal_the_launchers(launches):
+    """`kernels.grids.launch_grids` is what the launchers use: checked against every recorded launch."""
+    from lctrain.kernels.grids import launch_grids
+
+    _run_ops()
+    want = {}
+    for op, dims, opts in (("gated_delta_rule", (16, 32), {}), ("linear_attention", (16, 32), {}),
+                           ("titans_linear_memory", (16, 32), {"chunk_size": 8}), ("local_attention", (16, 32), {}),
+                           ("landmark_attention", (16, 32), {"block_size": 4}),
+                           ("taylor_linear_attention", (8, 32), {})):
+        want.update(launch_grids(op, [20, 17], 2, *dims, "fp32", **opts))
+    for name, _, grid in launches:
+        assert tuple(grid) + (1,) * (3 - len(grid)) == want[name] + (1,) * (3 - len(want[name])), name
+
+
+def test_launch_grids_fit_cuda_limits_at_4m_tokens():
+    """At T = 4M tokens, H = 64 (one document, or 65,535 short ones) every grid axis of every kernel is within
+    CUDA's limits; the old layout (documents x heads on axis 1) was not."""
+    from lctrain.kernels.grids import grid_violations, launch_grids
+    from lctrain.kernels.utils import MAX_GRID_DOCUMENTS, check_triton_documents
+
+    tokens, heads = 4 * 2**20, 64
+    for lengths in ([tokens], [64] * MAX_GRID_DOCUMENTS):
+        for op, dims, opts in (("gated_delta_rule", (128, 256), {}), ("linear_attention", (128, 128), {}),
+                               ("titans_linear_memory", (128, 128), {"chunk_size": 16}),
+                               ("local_attention", (128, 128), {}),
+                               ("landmark_attention", (128, 128), {"block_size": 64}),
+                               ("taylor_linear_attention", (16, 128), {})):
+            grids = launch_grids(op, lengths, heads, *dims, "bf16", **opts)
+            assert grids and not grid_violations(grids), (op, len(lengths), grid_violations(grids))
+    assert grid_violations({"old layout": (1, MAX_GRID_DOCUMENTS * heads)})
+    with pytest.raises(ValueError, match="at most 65535 documents"):
+        check_triton_documents("linear_attention", MAX_GRID_DOCUMENTS + 1)

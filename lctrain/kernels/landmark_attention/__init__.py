@@ -12,7 +12,8 @@ from lctrain.kernels.landmark_attention.chunk import chunk_landmark_attention
 from lctrain.kernels.landmark_attention.common import landmark_mask
 from lctrain.kernels.landmark_attention.naive import naive_landmark_attention
 from lctrain.kernels.opaque import opaque_op
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, device_cu_seqlens, host_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, device_cu_seqlens,
+                                   host_cu_seqlens, resolve_backend)
 
 __all__ = ["landmark_attention", "naive_landmark_attention", "chunk_landmark_attention", "landmark_mask"]
 
@@ -70,6 +71,7 @@ def landmark_attention(
                                  "this build); use backend='torch' or 'naive'") from None
             chosen = "torch"
     if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
         unsupported = _triton_unsupported(q, v, block_size)
         if unsupported is not None:
             if backend == "triton":

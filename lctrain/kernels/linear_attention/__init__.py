@@ -10,8 +10,8 @@ import torch
 from lctrain.kernels.linear_attention.chunk import chunk_linear_attention
 from lctrain.kernels.linear_attention.naive import naive_linear_attention
 from lctrain.kernels.opaque import none_if_empty, opaque_op
-from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, compiling, device_cu_seqlens, host_cu_seqlens,
-                                   resolve_backend)
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, compiling,
+                                   device_cu_seqlens, host_cu_seqlens, resolve_backend)
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -68,6 +68,7 @@ def linear_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
         _validate_for_triton(q)
     o, final = _linear_op(q, k, v, log_decay, initial_state, device_cu_seqlens(cu_seqlens, host, q.device), host,
                           float(scale), bool(output_final_state), chosen)

@@ -37,7 +37,8 @@ def linear_attention_bwd_dq_kernel(
     num_v_blocks = tl.cdiv(V, BV)
     i_k = tl.program_id(0) // num_v_blocks
     i_v = tl.program_id(0) % num_v_blocks
-    i_nh = tl.program_id(1)
+    # (sequence, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
+    i_nh = tl.program_id(2) * H + tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu_seqlens + i_n)
@@ -97,7 +98,8 @@ def linear_attention_bwd_dkv_kernel(
     num_v_blocks = tl.cdiv(V, BV)
     i_k = tl.program_id(0) // num_v_blocks
     i_v = tl.program_id(0) % num_v_blocks
-    i_nh = tl.program_id(1)
+    # (sequence, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
+    i_nh = tl.program_id(2) * H + tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu_seqlens + i_n)

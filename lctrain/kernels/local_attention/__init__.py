@@ -12,8 +12,8 @@ import torch
 from lctrain.kernels.local_attention.chunk import chunk_local_attention
 from lctrain.kernels.local_attention.naive import naive_local_attention
 from lctrain.kernels.opaque import opaque_op
-from lctrain.kernels.utils import (check_attention_qkv, check_cu_seqlens, compiling, device_cu_seqlens,
-                                   host_cu_seqlens, resolve_backend)
+from lctrain.kernels.utils import (check_attention_qkv, check_cu_seqlens, check_triton_documents, compiling,
+                                   device_cu_seqlens, host_cu_seqlens, resolve_backend)
 
 __all__ = ["local_attention", "naive_local_attention", "chunk_local_attention"]
 
@@ -63,6 +63,7 @@ def local_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
         _validate_for_triton(q, v)
     window_t, window_i = (window, 0) if isinstance(window, torch.Tensor) else (None, window)
     sink_t, sink_i = (sink, 0) if isinstance(sink, torch.Tensor) else (None, sink)

@@ -12,7 +12,8 @@ from lctrain.kernels.taylor_linear_attention.chunk import chunk_taylor_linear_at
 from lctrain.kernels.taylor_linear_attention.common import MAX_FEATURE_DIM, state_rows
 from lctrain.kernels.taylor_linear_attention.naive import naive_taylor_linear_attention
 from lctrain.kernels.opaque import none_if_empty, opaque_op
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, device_cu_seqlens, host_cu_seqlens, resolve_backend
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, device_cu_seqlens,
+                                   host_cu_seqlens, resolve_backend)
 
 __all__ = ["taylor_linear_attention", "naive_taylor_linear_attention", "chunk_taylor_linear_attention",
            "state_rows"]
@@ -67,6 +68,7 @@ def taylor_linear_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
         if q.dtype == torch.float64:
             raise ValueError(f"{_OP}: backend='triton' does not support float64; use backend='torch' or 'naive'")
         from lctrain.kernels.taylor_linear_attention.triton_chunk import MAX_TRITON_FEATURE_DIM
