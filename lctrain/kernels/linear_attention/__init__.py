@@ -122,7 +122,7 @@ def _validate(q, k, v, log_decay, scale, initial_state, cu_seqlens) -> int:
                              f"[{batch}, {length}, {heads}], got {shape}")
         if not log_decay.is_floating_point():
             raise ValueError(f"{_OP}: log_decay must be floating point, got {log_decay.dtype}")
-        if not log_decay.is_cuda and not compiling() and bool((log_decay > 0).any()):
+        if log_decay.device.type == "cpu" and not compiling() and bool((log_decay > 0).any()):
             raise ValueError(f"{_OP}: log_decay values must be <= 0 (log of a decay in (0, 1]), "
                              f"got max {log_decay.max().item():.4g}")
     num_seqs = check_cu_seqlens(cu_seqlens, batch, length, _OP)  # the host offsets

@@ -143,7 +143,7 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens)
             raise ValueError(f"{_OP}: {name} must be [B, T, H] = [{batch}, {length}, {heads}], got {_shape(gate)}")
         if not gate.is_floating_point():
             raise ValueError(f"{_OP}: {name} must be floating point, got {gate.dtype}")
-        if not gate.is_cuda and not compiling() and gate.numel() and bool(((gate < 0) | (gate > 1)).any()):
+        if gate.device.type == "cpu" and not compiling() and gate.numel() and bool(((gate < 0) | (gate > 1)).any()):
             raise ValueError(f"{_OP}: {name} values must lie in [0, 1], got min {gate.min().item():.4g} "
                              f"max {gate.max().item():.4g}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

@@ -25,7 +25,9 @@ def op_dtype(x: torch.Tensor) -> torch.dtype:
     stream and fp32 short-convolution weights would otherwise promote them and select the fp32 kernel variant:
     twice the bytes, tf32 dots), else x's own. Ops keep states and accumulation in fp32 either way."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
