@@ -52,9 +52,10 @@ def launch_grids(op: str, lengths: list[int], heads: int, key_dim: int, value_di
         from lctrain.kernels.local_attention.triton_config import launch_config
 
         cfgs = {kind: launch_config(key_dim, value_dim, kind) for kind in ("fwd", "bwd_dq", "bwd_dkv")}
-        return {"local_attention_fwd_kernel": (triton.cdiv(max_len, cfgs["fwd"].block_m), heads, num_seqs),
-                "local_attention_bwd_dq_kernel": (triton.cdiv(max_len, cfgs["bwd_dq"].block_m), heads, num_seqs),
-                "local_attention_bwd_dkv_kernel": (triton.cdiv(max_len, cfgs["bwd_dkv"].block_n), heads, num_seqs)}
+        rows = num_seqs * heads  # still on axis 1: see check_triton_documents
+        return {"local_attention_fwd_kernel": (triton.cdiv(max_len, cfgs["fwd"].block_m), rows),
+                "local_attention_bwd_dq_kernel": (triton.cdiv(max_len, cfgs["bwd_dq"].block_m), rows),
+                "local_attention_bwd_dkv_kernel": (triton.cdiv(max_len, cfgs["bwd_dkv"].block_n), rows)}
     if op == "landmark_attention":
         from lctrain.kernels.landmark_attention.triton_blocks import _query_tiles
         from lctrain.kernels.landmark_attention.triton_config import launch_config, padded_dim
@@ -62,9 +63,10 @@ def launch_grids(op: str, lengths: list[int], heads: int, key_dim: int, value_di
         block = options["block_size"]
         width = padded_dim(max(key_dim, value_dim))
         cfgs = {kind: launch_config(width, width, block, kind) for kind in ("fwd", "bwd_dq")}
-        return {"landmark_fwd_kernel": (_query_tiles(max_len, block, cfgs["fwd"].block_m), heads, num_seqs),
-                "landmark_bwd_dq_kernel": (_query_tiles(max_len, block, cfgs["bwd_dq"].block_m), heads, num_seqs),
-                "landmark_bwd_dkv_kernel": (triton.cdiv(max_len, block), heads, num_seqs)}
+        rows = num_seqs * heads  # still on axis 1: see check_triton_documents
+        return {"landmark_fwd_kernel": (_query_tiles(max_len, block, cfgs["fwd"].block_m), rows),
+                "landmark_bwd_dq_kernel": (_query_tiles(max_len, block, cfgs["bwd_dq"].block_m), rows),
+                "landmark_bwd_dkv_kernel": (triton.cdiv(max_len, block), rows)}
     if op == "taylor_linear_attention":
         from lctrain.kernels.taylor_linear_attention.triton_chunk import launch_config
 

@@ -117,11 +117,14 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op
     return cu_seqlens.numel() - 1
 
 
-MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2; the Triton kernels put the document on axis 2
+MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2
 
 
-def check_triton_documents(op: str, num_seqs: int) -> None:
-    """One-line ValueError when a batch holds more documents than the Triton launch grid can address."""
-    if num_seqs > MAX_GRID_DOCUMENTS:
-        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_DOCUMENTS} documents per call (one grid "
-                         f"row each), got {num_seqs}; split the batch or merge short documents")
+def check_triton_documents(op: str, num_seqs: int, heads: int = 1) -> None:
+    """One-line ValueError when a batch needs more grid rows than CUDA allows on axes 1-2: the linear and Taylor
+    kernels put the document on axis 2 (`heads` = 1 here); the local and landmark kernels still put
+    documents x heads on axis 1 (moving them spilled registers at the checked configurations)."""
+    if num_seqs * heads > MAX_GRID_DOCUMENTS:
+        what = "documents" if heads == 1 else f"documents x heads (H={heads})"
+        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_DOCUMENTS} {what} per call (one grid "
+                         f"row each), got {num_seqs * heads}; split the batch or merge short documents")

@@ -97,20 +97,25 @@ def test_launch_grids_equal_the_launchers(launches):
 
 
 def test_launch_grids_fit_cuda_limits_at_4m_tokens():
-    """At T = 4M tokens, H = 64 (one document, or 65,535 short ones) every grid axis of every kernel is within
-    CUDA's limits; the old layout (documents x heads on axis 1) was not."""
+    """At T = 4M tokens, H = 64 every grid axis of every kernel is within CUDA's limits for one document; for
+    65,535 short documents too, except the local and landmark kernels (documents x heads still on axis 1), whose
+    launch refuses such a batch with a one-line error."""
     from lctrain.kernels.grids import grid_violations, launch_grids
     from lctrain.kernels.utils import MAX_GRID_DOCUMENTS, check_triton_documents
 
     tokens, heads = 4 * 2**20, 64
+    cases = (("gated_delta_rule", (128, 256), {}), ("linear_attention", (128, 128), {}),
+             ("titans_linear_memory", (128, 128), {"chunk_size": 16}), ("taylor_linear_attention", (16, 128), {}),
+             ("local_attention", (128, 128), {}), ("landmark_attention", (128, 128), {"block_size": 64}))
     for lengths in ([tokens], [64] * MAX_GRID_DOCUMENTS):
-        for op, dims, opts in (("gated_delta_rule", (128, 256), {}), ("linear_attention", (128, 128), {}),
-                               ("titans_linear_memory", (128, 128), {"chunk_size": 16}),
-                               ("local_attention", (128, 128), {}),
-                               ("landmark_attention", (128, 128), {"block_size": 64}),
-                               ("taylor_linear_attention", (16, 128), {})):
+        for op, dims, opts in cases:
             grids = launch_grids(op, lengths, heads, *dims, "bf16", **opts)
-            assert grids and not grid_violations(grids), (op, len(lengths), grid_violations(grids))
-    assert grid_violations({"old layout": (1, MAX_GRID_DOCUMENTS * heads)})
+            bad = grid_violations(grids)
+            if op in ("local_attention", "landmark_attention") and len(lengths) > 1:
+                assert bad  # documents x heads on axis 1
+                with pytest.raises(ValueError, match="documents x heads"):
+                    check_triton_documents(op, len(lengths), heads)
+            else:
+                assert grids and not bad, (op, len(lengths), bad)
     with pytest.raises(ValueError, match="at most 65535 documents"):
         check_triton_documents("linear_attention", MAX_GRID_DOCUMENTS + 1)

@@ -71,7 +71,7 @@ def landmark_attention(
                                  "this build); use backend='torch' or 'naive'") from None
             chosen = "torch"
     if chosen == "triton":
-        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
         unsupported = _triton_unsupported(q, v, block_size)
         if unsupported is not None:
             if backend == "triton":

@@ -48,7 +48,7 @@ class LandmarkAttentionFunction(torch.autograd.Function):
         assert (cfg.block_d, cfg.block_dv) == (head_dim, value_dim), "heads must come padded to their width"
         o = _nan_like((total, heads, value_dim), q, q.dtype)
         lse = _nan_like((total, heads), q, torch.float32)
-        landmark_fwd_kernel[(_query_tiles(max_len, block_size, cfg.block_m), heads, num_seqs)](
+        landmark_fwd_kernel[(_query_tiles(max_len, block_size, cfg.block_m), num_seqs * heads)](
             q, k, v, o, lse, cu_seqlens, scale, heads, block_size,
             BM=cfg.block_m, BN=cfg.block_n, D=cfg.block_d, DV=cfg.block_dv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -69,14 +69,14 @@ class LandmarkAttentionFunction(torch.autograd.Function):
         delta = (o.float() * d_o.float()).sum(-1).contiguous()  # [T, H]
         dq_cfg = launch_config(head_dim, value_dim, block_size, "bwd_dq")
         dq = _nan_like((total, heads, head_dim), q, torch.float32)
-        landmark_bwd_dq_kernel[(_query_tiles(ctx.max_len, block_size, dq_cfg.block_m), heads, num_seqs)](
+        landmark_bwd_dq_kernel[(_query_tiles(ctx.max_len, block_size, dq_cfg.block_m), num_seqs * heads)](
             q, k, v, d_o, lse, delta, dq, cu_seqlens, ctx.scale, heads, block_size,
             BM=dq_cfg.block_m, BN=dq_cfg.block_n, D=dq_cfg.block_d, DV=dq_cfg.block_dv,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
         dkv_cfg = launch_config(head_dim, value_dim, block_size, "bwd_dkv")
         dk = _nan_like((total, heads, head_dim), q, torch.float32)
         dv = _nan_like((total, heads, value_dim), q, torch.float32)
-        landmark_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, block_size), heads, num_seqs)](
+        landmark_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, block_size), num_seqs * heads)](
             q, k, v, d_o, lse, delta, dk, dv, cu_seqlens, ctx.scale, heads, block_size,
             BM=dkv_cfg.block_m, BN=dkv_cfg.block_n, D=dkv_cfg.block_d, DV=dkv_cfg.block_dv,
             num_warps=dkv_cfg.num_warps, num_stages=dkv_cfg.num_stages)

@@ -36,8 +36,7 @@ def landmark_bwd_dq_kernel(
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
 ):
     i_t = tl.program_id(0)
-    # (sequence, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_nh = tl.program_id(2) * H + tl.program_id(1)
+    i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu_seqlens + i_n)
@@ -95,8 +94,7 @@ def landmark_bwd_dkv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
 ):
     c = tl.program_id(0)
-    # (sequence, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_nh = tl.program_id(2) * H + tl.program_id(1)
+    i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu_seqlens + i_n)

@@ -63,7 +63,7 @@ def local_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
-        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
         _validate_for_triton(q, v)
     window_t, window_i = (window, 0) if isinstance(window, torch.Tensor) else (None, window)
     sink_t, sink_i = (sink, 0) if isinstance(sink, torch.Tensor) else (None, sink)

@@ -67,8 +67,7 @@ def local_attention_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     i_m = tl.program_id(0)
-    # (sequence, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_nh = tl.program_id(2) * H + tl.program_id(1)
+    i_nh = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     i_hkv = i_h // (H // HKV)

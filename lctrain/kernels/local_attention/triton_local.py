@@ -37,7 +37,7 @@ class LocalAttentionFunction(torch.autograd.Function):
         cfg = launch_config(head_dim, value_dim, "fwd")
         o = _nan_like((total, heads, value_dim), q, q.dtype)
         lse = _nan_like((total, heads), q, torch.float32)
-        local_attention_fwd_kernel[(triton.cdiv(max_len, cfg.block_m), heads, num_seqs)](
+        local_attention_fwd_kernel[(triton.cdiv(max_len, cfg.block_m), num_seqs * heads)](
             q, k, v, o, lse, window, sink, cu_seqlens, scale, heads, kv_heads, head_dim, value_dim,
             BM=cfg.block_m, BN=cfg.block_n, BD=cfg.block_d, BDV=cfg.block_dv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -56,14 +56,14 @@ class LocalAttentionFunction(torch.autograd.Function):
         delta = (o.float() * d_o.float()).sum(-1).contiguous()  # [T, H]
         dq_cfg = launch_config(head_dim, value_dim, "bwd_dq")
         dq = _nan_like((total, heads, head_dim), q, torch.float32)
-        local_attention_bwd_dq_kernel[(triton.cdiv(ctx.max_len, dq_cfg.block_m), heads, num_seqs)](
+        local_attention_bwd_dq_kernel[(triton.cdiv(ctx.max_len, dq_cfg.block_m), num_seqs * heads)](
             q, k, v, d_o, lse, delta, dq, window, sink, cu_seqlens, ctx.scale, heads, kv_heads, head_dim,
             value_dim, BM=dq_cfg.block_m, BN=dq_cfg.block_n, BD=dq_cfg.block_d, BDV=dq_cfg.block_dv,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
         dkv_cfg = launch_config(head_dim, value_dim, "bwd_dkv")
         dk_head = _nan_like((total, heads, head_dim), q, torch.float32)
         dv_head = _nan_like((total, heads, value_dim), q, torch.float32)
-        local_attention_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, dkv_cfg.block_n), heads, num_seqs)](
+        local_attention_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, dkv_cfg.block_n), num_seqs * heads)](
             q, k, v, d_o, lse, delta, dk_head, dv_head, window, sink, cu_seqlens, ctx.scale, heads, kv_heads,
             head_dim, value_dim, BM=dkv_cfg.block_m, BN=dkv_cfg.block_n, BD=dkv_cfg.block_d,
             BDV=dkv_cfg.block_dv, num_warps=dkv_cfg.num_warps, num_stages=dkv_cfg.num_stages)
