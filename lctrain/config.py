@@ -50,6 +50,8 @@ class ModelConfig:
     # logits fit lctrain.models.loss.AUTO_LOGITS_BUDGET_BYTES, often the whole micro-batch)
     loss_chunk_tokens: int = 0
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block (lctrain.models.compile)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # softmax attention: auto = flash-attn if installed on CUDA, else the Triton kernels on CUDA, else torch
     attn_backend: Literal["auto", "triton", "flash", "torch"] = "auto"
     # MoA plan (JSON from `lctrain moa search`): per-head elastic sliding-window spans for the attention layers.

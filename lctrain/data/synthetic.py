@@ -124,6 +124,24 @@ def insert_at_depth(haystack: list[int], needle: list[int], depth: float, unit: 
     return haystack[:point] + needle + haystack[point:]
 
 
+
+class TextTable:
+    """The part of `datasets.Dataset` the tokenizer trainer and the token store read (`len`, `select(...)["text"]`,
+    `iter(batch_size)`), over an in-memory list of texts."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = list(texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, indices) -> dict:
+        return {"text": [self.texts[int(i)] for i in indices]}
+
+    def iter(self, batch_size: int):
+        for start in range(0, len(self.texts), batch_size):
+            yield {"text": self.texts[start:start + batch_size]}
+
 class PasskeyPrompts:
     """Token ids of passkey prompts for one tokenizer (the fixed pieces are encoded once)."""
 
@@ -213,9 +231,8 @@ class SyntheticSource:
                 for key in random_digits(rng, 64)]
 
     def dataset(self):
-        if self._dataset is None:
-            import datasets
-            self._dataset = datasets.Dataset.from_dict({"text": self.tokenizer_texts()})
+        if self._dataset is None:  # a few fixed lines: no need for (or import of) HF datasets
+            self._dataset = TextTable(self.tokenizer_texts())
         return self._dataset
 
     def iter_texts(self, batch_size: int = 256):

@@ -59,14 +59,72 @@ def check_attention_qkv(q, k, v, op: str) -> None:
         raise ValueError(f"{op}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def compiling() -> bool:
+    """True while torch.compile traces: value checks (which read tensors) are skipped then; the batch's host
+    metadata was validated once when the batch was built."""
+    return torch.compiler.is_compiling()
+
+
+def host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, op: str) -> torch.Tensor | None:
+    """The document offsets as an int32 CPU tensor, for everything shape-deciding.
+
+    `cu_seqlens_cpu` as given (the batch's host copy, no device access), or else one copy of `cu_seqlens` (a
+    device-to-host sync on CUDA: the eager convenience for evaluation and tests).
+    """
+    if cu_seqlens_cpu is None:
+        if cu_seqlens is None:
+            return None
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+            raise ValueError(f"{op}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
+        return cu_seqlens.detach().to("cpu", torch.int32)
+    if not isinstance(cu_seqlens_cpu, torch.Tensor) or cu_seqlens_cpu.dtype not in (torch.int32, torch.int64):
+        kind = cu_seqlens_cpu.dtype if isinstance(cu_seqlens_cpu, torch.Tensor) else type(cu_seqlens_cpu).__name__
+        raise ValueError(f"{op}: cu_seqlens_cpu must be an int32 or int64 CPU tensor [N+1], got {kind}")
+    if cu_seqlens_cpu.device.type != "cpu":
+        raise ValueError(f"{op}: cu_seqlens_cpu must be on the CPU (the host copy of cu_seqlens), got "
+                         f"{cu_seqlens_cpu.device}")
+    if cu_seqlens is not None and tuple(cu_seqlens.shape) != tuple(cu_seqlens_cpu.shape):
+        raise ValueError(f"{op}: cu_seqlens_cpu shape {tuple(cu_seqlens_cpu.shape)} must equal cu_seqlens shape "
+                         f"{tuple(cu_seqlens.shape)} (the same offsets)")
+    return cu_seqlens_cpu if cu_seqlens_cpu.dtype == torch.int32 else cu_seqlens_cpu.to(torch.int32)
+
+
+def device_cu_seqlens(cu_seqlens, cu_seqlens_cpu, device) -> torch.Tensor | None:
+    """The offsets on the op's device: `cu_seqlens` as given, or one host-to-device copy of the host offsets."""
+    if cu_seqlens is not None:
+        return cu_seqlens
+    if cu_seqlens_cpu is None:
+        return None
+    return cu_seqlens_cpu.to(device, torch.int32, non_blocking=True)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op: str) -> int:
-    """Validate packed-document offsets; return the number of sequences N."""
+    """Validate packed-document offsets (pass the HOST copy, see `host_cu_seqlens`); return the number of
+    sequences N. Values are checked in eager mode only (see `compiling`)."""
     if cu_seqlens is None:
         return batch
     if batch != 1:
         raise ValueError(f"{op}: cu_seqlens needs batch size 1 (packed layout), got B={batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must be 1-D [N+1], got shape {tuple(cu_seqlens.shape)}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-        raise ValueError(f"{op}: cu_seqlens must start at 0 and end at T={total}, got {cu_seqlens.tolist()}")
+    if not compiling() and cu_seqlens.device.type == "cpu":
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != total:
+            raise ValueError(f"{op}: cu_seqlens must start at 0 and end at T={total}, got {offsets}")
+        if any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {offsets}")
     return cu_seqlens.numel() - 1
+
+
+MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+def check_triton_documents(op: str, num_seqs: int, heads: int = 1) -> None:
+    """One-line ValueError when a batch needs more grid rows than CUDA allows on axes 1-2: the linear and Taylor
+    kernels put the document on axis 2 (`heads` = 1 here); the local and landmark kernels still put
+    documents x heads on axis 1 (moving them spilled registers at the checked configurations)."""
+    if num_seqs * heads > MAX_GRID_DOCUMENTS:
+        what = "documents" if heads == 1 else f"documents x heads (H={heads})"
+        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_DOCUMENTS} {what} per call (one grid "
+                         f"row each), got {num_seqs * heads}; split the batch or merge short documents")

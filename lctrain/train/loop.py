@@ -99,6 +99,10 @@ class Trainer:
             self._init_from(cfg.checkpoint.init_from)
         if cfg.distill.enabled:
             self._build_distiller()
+        self.compiled = None
+        if cfg.model.compile:  # after LoRA and weights, before DDP/DeepSpeed wrap the model
+            from lctrain.models.compile import compile_blocks
+            self.compiled = compile_blocks(self.model, cfg.model.compile_backend)
         self.batches = BatchPreparer(cfg, env, self.layout)
 
     def _init_from(self, source: str) -> None:
@@ -361,6 +365,8 @@ class Trainer:
                             f"{cfg.train.max_bad_steps}); last good checkpoint kept; lower train.lr or check data")
                 step += 1
                 tokens_seen += lay.tokens_per_step
+                if self.compiled is not None and self.main:
+                    self.compiled.after_step(progress.write, last=step == cfg.train.steps)
                 throughput.add(lay.tokens_per_step)
 
                 if step % cfg.train.log_interval == 0 or step == cfg.train.steps:

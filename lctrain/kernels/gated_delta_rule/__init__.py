@@ -5,7 +5,8 @@ import torch
 
 from lctrain.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 from lctrain.kernels.gated_delta_rule.naive import naive_gated_delta_rule
-from lctrain.kernels.utils import check_cu_seqlens, resolve_backend
+from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.utils import check_cu_seqlens, device_cu_seqlens, host_cu_seqlens, resolve_backend
 
 __all__ = ["gated_delta_rule", "naive_gated_delta_rule", "chunk_gated_delta_rule"]
 
@@ -13,7 +14,7 @@ _OP = "gated_delta_rule"
 
 
 def _validate(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
-    """Check shapes, dtypes and devices; return the number of sequences N."""
+    """Check shapes, dtypes and devices (cu_seqlens: the host offsets); return the number of sequences N."""
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{_OP}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -31,12 +32,6 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != q.shape[:3]:
             raise ValueError(f"{_OP}: {name} must be [B, T, H] = {tuple(q.shape[:3])}, got {tuple(x.shape)}")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{_OP}: cu_seqlens must be an int32/int64 tensor [N+1], got "
-                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
-        if cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
     num_seqs = check_cu_seqlens(cu_seqlens, batch, seq_len, _OP)
     if initial_state is not None:
         expected = (num_seqs, heads, key_dim, v.shape[-1])
@@ -51,7 +46,7 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      scale: float | None = None, initial_state: torch.Tensor | None = None,
                      output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                     backend: str | None = None):
+                     backend: str | None = None, cu_seqlens_cpu: torch.Tensor | None = None):
     """Gated DeltaNet: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = scale q_t^T S_t.
 
     q and k are used as given (callers usually L2-normalise them; this op does not).
@@ -68,6 +63,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         cu_seqlens: int32 `[N+1]` offsets of packed documents along T (needs B == 1); each document starts
             from its own initial state. None: N = B sequences of length T.
         backend: None (Triton on CUDA, chunked PyTorch otherwise), "triton", "torch" or "naive".
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::gated_delta_rule` (opaque to torch.compile).
 
     Returns:
         o: `[B, T, H, V]` in q's dtype.
@@ -80,7 +79,12 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     takes fp32/bf16/fp16 q, k, v (K <= 128), keeps every intermediate and state in fp32, and on CUDA runs
     its matrix products as tf32 tensor-core dots (about 1e-3 relative error against fp32).
     """
-    _validate(q, k, v, g, beta, initial_state, cu_seqlens)
+    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor)
+                                   or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"{_OP}: cu_seqlens must be an int32/int64 tensor [N+1], got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, g, beta, initial_state, host)
     if not isinstance(output_final_state, bool):
         raise ValueError(f"{_OP}: output_final_state must be a bool, got {output_final_state!r}")
     key_dim = q.shape[-1]
@@ -91,7 +95,6 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     scale = float(scale)
     chosen = resolve_backend(backend, q, k, v, g, beta, op=_OP)
     if chosen == "triton":
-        from lctrain.kernels.gated_delta_rule.triton_chunk import triton_gated_delta_rule
         from lctrain.kernels.gated_delta_rule.triton_config import TORCH_DTYPES, launch_config
 
         if q.dtype not in TORCH_DTYPES:
@@ -101,11 +104,36 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             raise ValueError(f"{_OP}: backend='triton' needs q, k, v of one dtype, got "
                              f"q={q.dtype}, k={k.dtype}, v={v.dtype}")
         launch_config(key_dim, v.shape[-1], TORCH_DTYPES[q.dtype])  # raises ValueError for unsupported dims
+    o, final_state = _gdn_op(q, k, v, g, beta, initial_state, device_cu_seqlens(cu_seqlens, host, q.device), host,
+                             scale, output_final_state, chosen)
+    return o, (none_if_empty(final_state) if output_final_state else None)
+
+
+def _run(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
+    if backend == "triton":
+        from lctrain.kernels.gated_delta_rule.triton_chunk import triton_gated_delta_rule
+
         o, final_state = triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                                 cu_seqlens)
+                                                 cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
     else:
-        impl = naive_gated_delta_rule if chosen == "naive" else chunk_gated_delta_rule
+        impl = naive_gated_delta_rule if backend == "naive" else chunk_gated_delta_rule
         o, final_state = impl(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
         if final_state is not None and final_state.dtype != torch.float64:
             final_state = final_state.to(torch.float32)
     return o.to(q.dtype), final_state
+
+
+def _fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
+    batch, length, heads, key_dim = q.shape
+    o = q.new_empty(batch, length, heads, v.shape[-1])
+    if not output_final_state:
+        return o, q.new_empty(0, dtype=torch.float32)
+    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
+    return o, q.new_empty(num_seqs, heads, key_dim, v.shape[-1], dtype=state_dtype)
+
+
+_gdn_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, Tensor? cu_seqlens, "
+    "Tensor? cu_seqlens_cpu, float scale, bool output_final_state, str backend",
+    differentiable=("q", "k", "v", "g", "beta", "initial_state"), num_outputs=2, run=_run, fake=_fake)

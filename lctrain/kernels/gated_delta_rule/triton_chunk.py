@@ -41,15 +41,19 @@ def chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
     return indices, offsets.to(torch.int32)
 
 
-def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg):
-    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]`.
+def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg, cu_seqlens_cpu=None):
+    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]` (and its
+    host copy, from which the chunk tables are built without reading the device).
 
     Returns o `[T, H, V]` (q dtype), the final state `[N, H, K, V]` fp32 or None, and the saved tensors.
     """
     total, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
-    chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, cfg.chunk)
+    if cu_seqlens_cpu is None:
+        cu_seqlens_cpu = cu_seqlens.cpu()
+    chunk_indices, chunk_offsets = (t.to(q.device, non_blocking=True)
+                                    for t in chunk_tables(cu_seqlens_cpu, cfg.chunk))
     num_chunks = chunk_indices.shape[0]
     f32 = {"dtype": torch.float32, "device": q.device}
     cum_gate = new_buffer((total, heads), **f32)
@@ -60,11 +64,11 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
     if num_chunks:
         gdn_fwd_inverse_kernel[(num_chunks, heads)](
             q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chunk_indices, scale, heads, key_dim,
-            BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         gdn_fwd_wu_kernel[(num_chunks, heads)](
             k, v, beta, cum_gate, a_inv, w, u, cu_seqlens, chunk_indices, heads, key_dim, value_dim,
             BT=cfg.chunk, BK=cfg.key_block, BV=cfg.value_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     chunk_states = new_buffer((num_chunks, heads, key_dim, value_dim), **f32)
     delta = new_buffer((total, heads, value_dim), **f32)
     final_state = new_buffer((num_seqs, heads, key_dim, value_dim), **f32) if store_final else None
@@ -72,13 +76,13 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
         k, w, u, cum_gate, initial_state, chunk_states, delta, final_state, cu_seqlens, chunk_offsets, heads,
         key_dim, value_dim, BT=cfg.chunk, BK=cfg.state_key_block, BV=cfg.state_value_block,
         HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, PRECISION=cfg.precision,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o = new_buffer((total, heads, value_dim), dtype=q.dtype, device=q.device)
     if num_chunks:
         gdn_fwd_output_kernel[(num_chunks, triton.cdiv(value_dim, cfg.value_block), heads)](
             q, cum_gate, a_qk, delta, chunk_states, o, cu_seqlens, chunk_indices, scale, heads,
             key_dim, value_dim, BT=cfg.chunk, BK=cfg.key_block, BV=cfg.value_block,
-            PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     saved = (cum_gate, a_inv, a_qk, w, delta, chunk_states, chunk_indices, chunk_offsets)
     return o, final_state, saved
 
@@ -99,7 +103,7 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
         q, k, w, cum_gate, a_qk, d_out, d_final, chunk_grads, d_delta, d_initial, cu_seqlens, chunk_offsets,
         scale, heads, key_dim, value_dim, BT=cfg.chunk, BK=cfg.state_key_block,
         BV=cfg.state_value_block, HAS_D_FINAL=d_final is not None, STORE_D_INITIAL=want_d_initial,
-        PRECISION=cfg.precision, num_warps=cfg.num_warps)
+        PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dq = new_buffer(q.shape, dtype=q.dtype, device=q.device)
     dv = new_buffer(v.shape, dtype=v.dtype, device=v.device)
     dk_part = new_buffer((total, heads, key_dim), **f32)
@@ -112,7 +116,8 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
     dg = new_buffer((total, heads), **f32)
     if num_chunks:
         grid = (num_chunks, heads)
-        per_chunk = {"BT": cfg.chunk, "PRECISION": cfg.precision, "num_warps": cfg.num_warps}
+        per_chunk = {"BT": cfg.chunk, "PRECISION": cfg.precision, "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages}
         gdn_bwd_dv_kernel[grid](
             v, beta, cum_gate, a_inv, a_qk, delta, d_out, d_delta, dv, d_qk, d_beta_part, d_gate_part, d_a,
             cu_seqlens, chunk_indices, scale, heads, value_dim, BV=cfg.intra_value_block, **per_chunk)
@@ -130,7 +135,7 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
         gdn_bwd_wy_kernel[(num_chunks, heads)](
             k, beta, cum_gate, a_inv, d_a, dk_part, d_beta_part, d_gate_part, dk, d_beta, dg, cu_seqlens,
             chunk_indices, heads, key_dim, BT=cfg.chunk, BK=cfg.key_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dg, d_beta, d_initial
 
 
@@ -138,7 +143,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
     """Triton chunked Gated DeltaNet on flat packed tensors (see `_forward` for shapes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu=None):
         q, k, v = (x.contiguous() for x in (q, k, v))
         # Gates and write strengths are [T, H]: fp32 costs nothing and keeps one kernel variant per q dtype.
         g, beta = (x.to(torch.float32).contiguous() for x in (g, beta))
@@ -146,7 +151,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
             initial_state = initial_state.to(torch.float32).contiguous()
         cfg = launch_config(k.shape[-1], v.shape[-1], TORCH_DTYPES[q.dtype])
         o, final_state, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                         cu_seqlens, cfg)
+                                         cu_seqlens, cfg, cu_seqlens_cpu)
         ctx.save_for_backward(q, k, v, beta, cu_seqlens, *saved)
         ctx.scale, ctx.cfg = scale, cfg
         ctx.has_initial = initial_state is not None
@@ -160,11 +165,11 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
             d_final = d_final.to(torch.float32).contiguous()
         dq, dk, dv, dg, d_beta, d_initial = _backward(q, k, v, beta, ctx.scale, saved, d_out, d_final,
                                                       ctx.has_initial, cu_seqlens, ctx.cfg)
-        return dq, dk, dv, dg, d_beta, None, d_initial, None, None
+        return dq, dk, dv, dg, d_beta, None, d_initial, None, None, None
 
 
 def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                            cu_seqlens=None):
+                            cu_seqlens=None, cu_seqlens_cpu=None):
     """Triton Gated DeltaNet on `[B, T, H, D]` inputs (shapes as in `lctrain.kernels.gated_delta_rule`).
 
     Returns o `[B, T, H, V]` in q's dtype and the final state `[N, H, K, V]` fp32 or None.
@@ -172,13 +177,15 @@ def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_
     batch, seq_len, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * seq_len
+        cu_seqlens_cpu = torch.arange(0, batch + 1, dtype=torch.int32) * seq_len
+        cu_seqlens = cu_seqlens_cpu.to(q.device, non_blocking=True)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     flat = batch * seq_len
     o, final_state = GatedDeltaRuleFunction.apply(
         q.reshape(flat, heads, key_dim), k.reshape(flat, heads, key_dim), v.reshape(flat, heads, value_dim),
-        g.reshape(flat, heads), beta.reshape(flat, heads), scale, initial_state, output_final_state, cu_seqlens)
+        g.reshape(flat, heads), beta.reshape(flat, heads), scale, initial_state, output_final_state, cu_seqlens,
+        cu_seqlens_cpu)
     return o.reshape(batch, seq_len, heads, value_dim), final_state
 
 
@@ -219,7 +226,7 @@ def aot_specs(dtype: str, head_dims=None) -> list:
     if head_dims is None:
         head_dims = [(kd, vd) for kd in SUPPORTED_KEY_DIMS for vd in SUPPORTED_VALUE_DIMS]
     configs = [launch_config(kd, vd, dtype) for kd, vd in head_dims]
-    variants = {}  # label -> (kernel, constexprs, num_warps); dict keeps the first of equal labels
+    variants = {}  # label -> (kernel, constexprs, num_warps, num_stages); dict keeps the first of equal labels
     for cfg in configs:
         common = {"BT": cfg.chunk, "PRECISION": cfg.precision}
         per_chunk = {**common, "BK": cfg.key_block, "BV": cfg.value_block}
@@ -239,11 +246,11 @@ def aot_specs(dtype: str, head_dims=None) -> list:
         ]
         for kernel, constexprs, warps in launches:
             shape = ",".join(f"{key}={constexprs[key]}" for key in ("BT", "BK", "BV") if key in constexprs)
-            label = f"{kernel.__name__}[{shape},warps={warps}]"
-            variants.setdefault(label, (kernel, constexprs, warps))
+            label = f"{kernel.__name__}[{shape},warps={warps},stages={cfg.num_stages}]"
+            variants.setdefault(label, (kernel, constexprs, warps, cfg.num_stages))
     specs = []
-    for label, (kernel, constexprs, warps) in variants.items():
+    for label, (kernel, constexprs, warps, stages) in variants.items():
         sig = _signature(kernel, constexprs, dtype)
-        specs.append(AotSpec(kernel, sig, constexprs, warps, 1, label,
+        specs.append(AotSpec(kernel, sig, constexprs, warps, stages, label,
                              divisibility_attrs(kernel, sig, ints=("K", "V"))))
     return specs

@@ -31,7 +31,8 @@ class LaunchConfig:
         which nest a V loop inside a K loop and so get the smallest blocks.
     state_key_block: BK of the state kernels, all of K padded to a power of two (the state is K x BV).
     state_value_block: BV of the state kernels (V is split over programs).
-    precision: `tl.dot` input precision. num_warps: of every kernel.
+    precision: `tl.dot` input precision. num_warps, num_stages: of every kernel (the launch passes both, and
+        the ahead-of-time check compiles exactly these, so what is checked for spills is what runs).
     """
 
     chunk: int
@@ -43,6 +44,7 @@ class LaunchConfig:
     state_value_block: int
     precision: str
     num_warps: int
+    num_stages: int = 1  # software pipelining buys nothing in these loop-carried kernels and costs registers
 
 
 def launch_config(key_dim: int, value_dim: int, dtype: str) -> LaunchConfig:

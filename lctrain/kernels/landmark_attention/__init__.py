@@ -11,7 +11,9 @@ import torch
 from lctrain.kernels.landmark_attention.chunk import chunk_landmark_attention
 from lctrain.kernels.landmark_attention.common import landmark_mask
 from lctrain.kernels.landmark_attention.naive import naive_landmark_attention
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
+from lctrain.kernels.opaque import opaque_op
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, device_cu_seqlens,
+                                   host_cu_seqlens, resolve_backend)
 
 __all__ = ["landmark_attention", "naive_landmark_attention", "chunk_landmark_attention", "landmark_mask"]
 
@@ -26,6 +28,7 @@ def landmark_attention(
     scale: float | None = None,
     backend: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention through landmark tokens.
 
@@ -46,31 +49,55 @@ def landmark_attention(
             "triton" (head dims <= 128, block_size <= 64, no float64), "torch" or "naive".
         cu_seqlens: int32/int64 `[N+1]` offsets of packed documents along T (requires B == 1): attention stays
             inside each document and blocks restart at each document start. None: every row is one sequence.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::landmark_attention` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, V]` in q's dtype. Gradients flow to q, k and v.
     """
-    _validate(q, k, v, block_size, scale, cu_seqlens)
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, block_size, scale, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if chosen == "naive":
-        return naive_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
-    if chosen == "torch":
-        return chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
-    try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
-        from lctrain.kernels.landmark_attention.triton_blocks import triton_landmark_attention
-    except ImportError:
-        if backend == "triton":
-            raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in this "
-                             "build); use backend='torch' or 'naive'") from None
-        return chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
-    unsupported = _triton_unsupported(q, v, block_size)
-    if unsupported is not None:
-        if backend == "triton":
-            raise ValueError(f"{_OP}: {unsupported}; use backend='torch' or 'naive'")
-        return chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens)  # auto: shapes outside the kernels
-    return triton_landmark_attention(q, k, v, block_size, scale, cu_seqlens)
+    if chosen == "triton":
+        try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
+            import lctrain.kernels.landmark_attention.triton_blocks  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in "
+                                 "this build); use backend='torch' or 'naive'") from None
+            chosen = "torch"
+    if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
+        unsupported = _triton_unsupported(q, v, block_size)
+        if unsupported is not None:
+            if backend == "triton":
+                raise ValueError(f"{_OP}: {unsupported}; use backend='torch' or 'naive'")
+            chosen = "torch"  # auto: shapes outside the kernels
+    return _landmark_op(q, k, v, device_cu_seqlens(cu_seqlens, host, q.device), host, block_size, float(scale),
+                        chosen)[0]
+
+
+def _run(q, k, v, cu_seqlens, cu_seqlens_cpu, block_size, scale, backend):
+    if backend == "naive":
+        return (naive_landmark_attention(q, k, v, block_size, scale, cu_seqlens),)
+    if backend == "torch":
+        return (chunk_landmark_attention(q, k, v, block_size, scale, cu_seqlens),)
+    from lctrain.kernels.landmark_attention.triton_blocks import triton_landmark_attention
+
+    return (triton_landmark_attention(q, k, v, block_size, scale, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu),)
+
+
+def _fake(q, k, v, cu_seqlens, cu_seqlens_cpu, block_size, scale, backend):
+    return (q.new_empty(*q.shape[:3], v.shape[-1]),)
+
+
+_landmark_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu, int block_size, float scale, "
+    "str backend", differentiable=("q", "k", "v"), num_outputs=1, run=_run, fake=_fake)
 
 
 def _validate(q, k, v, block_size, scale, cu_seqlens) -> None:
@@ -95,8 +122,6 @@ def _validate(q, k, v, block_size, scale, cu_seqlens) -> None:
             kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
     check_cu_seqlens(cu_seqlens, batch, length, _OP)
-    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
 
 
 def _triton_unsupported(q: torch.Tensor, v: torch.Tensor, block_size: int) -> str | None:

@@ -90,6 +90,7 @@ def triton_landmark_attention(
     block_size: int,
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton landmark attention (inputs already validated; shapes as in `landmark_attention`).
 
@@ -103,7 +104,8 @@ def triton_landmark_attention(
         max_len = length
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # no device read when given
+        max_len = int((host[1:] - host[:-1]).max())
     if max_len == 0:
         return q.new_zeros(batch, length, heads, value_dim)
     width = padded_dim(max(head_dim, value_dim))

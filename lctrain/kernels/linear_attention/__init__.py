@@ -9,7 +9,9 @@ import torch
 
 from lctrain.kernels.linear_attention.chunk import chunk_linear_attention
 from lctrain.kernels.linear_attention.naive import naive_linear_attention
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
+from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, compiling,
+                                   device_cu_seqlens, host_cu_seqlens, resolve_backend)
 
 __all__ = ["linear_attention", "naive_linear_attention", "chunk_linear_attention"]
 
@@ -26,6 +28,7 @@ def linear_attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Linear attention with an optional per-head or per-token decay.
 
@@ -44,6 +47,10 @@ def linear_attention(
             starts from its own initial state. None means N = B independent sequences.
         backend: None (Triton on CUDA tensors, chunked PyTorch otherwise), "triton", "torch" or "naive".
             "triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::linear_attention` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, V]` in q's dtype, and the final state `[N, H, K, V]` (float32; float64 for float64 inputs
@@ -51,18 +58,47 @@ def linear_attention(
 
     Gradients flow to q, k, v, log_decay and initial_state.
     """
-    _validate(q, k, v, log_decay, scale, initial_state, cu_seqlens)
+    if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor)
+                                   or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, log_decay, scale, initial_state, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if chosen == "naive":
+    if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
+        _validate_for_triton(q)
+    o, final = _linear_op(q, k, v, log_decay, initial_state, device_cu_seqlens(cu_seqlens, host, q.device), host,
+                          float(scale), bool(output_final_state), chosen)
+    return o, (none_if_empty(final) if output_final_state else None)
+
+
+def _run(q, k, v, log_decay, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
+    if backend == "naive":
         return naive_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    if chosen == "torch":
+    if backend == "torch":
         return chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    _validate_for_triton(q)
     from lctrain.kernels.linear_attention.triton_chunk import triton_linear_attention  # triton is optional
 
     return triton_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _fake(q, k, v, log_decay, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
+    batch, length, heads, key_dim = q.shape
+    o = q.new_empty(batch, length, heads, v.shape[-1])
+    if not output_final_state:
+        return o, q.new_empty(0, dtype=torch.float32)
+    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
+    return o, q.new_empty(num_seqs, heads, key_dim, v.shape[-1], dtype=state_dtype)
+
+
+_linear_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? initial_state, Tensor? cu_seqlens, "
+    "Tensor? cu_seqlens_cpu, float scale, bool output_final_state, str backend",
+    differentiable=("q", "k", "v", "log_decay", "initial_state"), num_outputs=2, run=_run, fake=_fake)
 
 
 def _validate(q, k, v, log_decay, scale, initial_state, cu_seqlens) -> int:
@@ -86,16 +122,10 @@ def _validate(q, k, v, log_decay, scale, initial_state, cu_seqlens) -> int:
                              f"[{batch}, {length}, {heads}], got {shape}")
         if not log_decay.is_floating_point():
             raise ValueError(f"{_OP}: log_decay must be floating point, got {log_decay.dtype}")
-        if not log_decay.is_cuda and bool((log_decay > 0).any()):
+        if log_decay.device.type == "cpu" and not compiling() and bool((log_decay > 0).any()):
             raise ValueError(f"{_OP}: log_decay values must be <= 0 (log of a decay in (0, 1]), "
                              f"got max {log_decay.max().item():.4g}")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
-            raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
-    num_seqs = check_cu_seqlens(cu_seqlens, batch, length, _OP)
-    if cu_seqlens is not None and cu_seqlens.numel() > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    num_seqs = check_cu_seqlens(cu_seqlens, batch, length, _OP)  # the host offsets
     if initial_state is not None:
         expected = (num_seqs, heads, key_dim, v.shape[-1])
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != expected:

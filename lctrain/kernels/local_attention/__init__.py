@@ -11,7 +11,9 @@ import torch
 
 from lctrain.kernels.local_attention.chunk import chunk_local_attention
 from lctrain.kernels.local_attention.naive import naive_local_attention
-from lctrain.kernels.utils import check_attention_qkv, check_cu_seqlens, resolve_backend
+from lctrain.kernels.opaque import opaque_op
+from lctrain.kernels.utils import (check_attention_qkv, check_cu_seqlens, check_triton_documents, compiling,
+                                   device_cu_seqlens, host_cu_seqlens, resolve_backend)
 
 __all__ = ["local_attention", "naive_local_attention", "chunk_local_attention"]
 
@@ -28,6 +30,7 @@ def local_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention restricted to a sliding window plus the first `sink` tokens of each document.
 
@@ -46,22 +49,48 @@ def local_attention(
             crosses a document boundary and the sink is counted from each document's start.
         backend: None (Triton on CUDA tensors, blocked PyTorch otherwise), "triton", "torch" or "naive".
             "triton" on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::local_attention` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, Dv]` in q's dtype. Gradients flow to q, k and v.
     """
-    _validate(q, k, v, window, sink, scale, cu_seqlens)
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, window, sink, scale, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if chosen == "naive":
-        return naive_local_attention(q, k, v, window, sink, scale, cu_seqlens)
-    if chosen == "torch":
-        return chunk_local_attention(q, k, v, window, sink, scale, cu_seqlens)
-    _validate_for_triton(q, v)
+    if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
+        _validate_for_triton(q, v)
+    window_t, window_i = (window, 0) if isinstance(window, torch.Tensor) else (None, window)
+    sink_t, sink_i = (sink, 0) if isinstance(sink, torch.Tensor) else (None, sink)
+    return _local_op(q, k, v, device_cu_seqlens(cu_seqlens, host, q.device), host, window_t, window_i, sink_t,
+                     sink_i, float(scale), chosen)[0]
+
+
+def _run(q, k, v, cu_seqlens, cu_seqlens_cpu, window_t, window_i, sink_t, sink_i, scale, backend):
+    window = window_t if window_t is not None else window_i
+    sink = sink_t if sink_t is not None else sink_i
+    if backend == "naive":
+        return (naive_local_attention(q, k, v, window, sink, scale, cu_seqlens),)
+    if backend == "torch":
+        return (chunk_local_attention(q, k, v, window, sink, scale, cu_seqlens),)
     from lctrain.kernels.local_attention.triton_local import triton_local_attention  # triton is optional
 
-    return triton_local_attention(q, k, v, window, sink, scale, cu_seqlens)
+    return (triton_local_attention(q, k, v, window, sink, scale, cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu),)
+
+
+def _fake(q, k, v, cu_seqlens, cu_seqlens_cpu, window_t, window_i, sink_t, sink_i, scale, backend):
+    return (q.new_empty(*q.shape[:3], v.shape[-1]),)
+
+
+_local_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu, Tensor? window_t, int window_i, "
+    "Tensor? sink_t, int sink_i, float scale, str backend",
+    differentiable=("q", "k", "v"), num_outputs=1, run=_run, fake=_fake)
 
 
 def _validate_span(name: str, span, heads: int, minimum: int) -> None:
@@ -74,7 +103,7 @@ def _validate_span(name: str, span, heads: int, minimum: int) -> None:
     if span.dtype not in _INT_DTYPES or tuple(span.shape) != (heads,):
         raise ValueError(f"{_OP}: {name} tensor must be integer [H] = [{heads}], got {span.dtype} "
                          f"{list(span.shape)}")
-    if bool((span < minimum).any()):
+    if span.device.type == "cpu" and not compiling() and bool((span < minimum).any()):
         raise ValueError(f"{_OP}: every {name} value must be >= {minimum}, got {span.tolist()}")
 
 
@@ -91,8 +120,6 @@ def _validate(q, k, v, window, sink, scale, cu_seqlens) -> None:
             kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
     check_cu_seqlens(cu_seqlens, batch, length, _OP)
-    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
 
 
 def _validate_for_triton(q: torch.Tensor, v: torch.Tensor) -> None:

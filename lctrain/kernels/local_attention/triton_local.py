@@ -81,6 +81,7 @@ def triton_local_attention(
     sink: int | torch.Tensor,
     scale: float,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton local attention (inputs already validated; shapes as in `local_attention`).
 
@@ -94,7 +95,8 @@ def triton_local_attention(
         max_len = length
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # no device read when given
+        max_len = int((host[1:] - host[:-1]).max())
     windows, sinks = per_head_spans(window, sink, heads, q.device)
     # Spans beyond the longest document change nothing; clamping keeps every loop bound inside int32.
     windows = windows.clamp(max=max(max_len, 1)).to(torch.int32).contiguous()

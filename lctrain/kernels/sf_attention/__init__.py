@@ -27,7 +27,8 @@ import torch
 from lctrain.kernels.local_attention import local_attention
 from lctrain.kernels.sf_attention.naive import kv_head_index, naive_sf_attention
 from lctrain.kernels.sf_attention.segments import SegmentPlan, reassemble, segment, segment_plan
-from lctrain.kernels.utils import check_attention_qkv, resolve_backend
+from lctrain.kernels.opaque import opaque_op
+from lctrain.kernels.utils import check_attention_qkv, compiling, device_cu_seqlens, host_cu_seqlens, resolve_backend
 
 __all__ = ["sf_attention", "naive_sf_attention", "SegmentPlan", "segment_plan", "segment", "reassemble",
            "kv_head_index"]
@@ -46,6 +47,7 @@ def sf_attention(
     cu_seqlens: torch.Tensor | None = None,
     variant: str = "sf",
     backend: str | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped causal attention with half the heads shifted by G/2 (SF-Attn or S²-Attn).
 
@@ -67,16 +69,36 @@ def sf_attention(
         variant: "sf" (SinkLoRA) or "s2" (LongLoRA).
         backend: `local_attention` backend: None (Triton on CUDA, blocked PyTorch otherwise), "triton",
             "torch" or "naive".
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); the segment plan is
+            built from it on the host. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::sf_attention` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, Dv]` in q's dtype. Gradients flow to q, k and v.
     """
-    _validate(q, k, v, group_size, sink, scale, cu_seqlens, variant)
+    if cu_seqlens is not None:
+        _validate_cu_seqlens_dtype(cu_seqlens)
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, group_size, sink, scale, host, variant)
     resolve_backend(backend, q, k, v, op=_OP)
+    return _sf_op(q, k, v, device_cu_seqlens(cu_seqlens, host, q.device), host, group_size, sink,
+                  None if scale is None else float(scale), variant, backend or "auto")[0]
+
+
+def _plan_on(plan: SegmentPlan, device) -> tuple[SegmentPlan, torch.Tensor]:
+    """A host-built plan moved to `device`, and its segment offsets kept on the host for the kernel."""
+    moved = SegmentPlan(*(t.to(device, non_blocking=True) for t in (plan.gather_index, plan.cu_seqlens,
+                                                                   plan.query_rows)), plan.max_segment)
+    return moved, plan.cu_seqlens
+
+
+def _run(q, k, v, cu_seqlens, cu_seqlens_cpu, group_size, sink, scale, variant, backend):
+    backend = None if backend == "auto" else backend
     batch, length, heads, head_dim = q.shape
     kv_heads, value_dim = k.shape[2], v.shape[-1]
     if batch * length == 0:
-        return q.new_zeros(batch, length, heads, value_dim) + 0 * (q.sum() + k.sum() + v.sum())
+        return (q.new_zeros(batch, length, heads, value_dim),)
     half_q = heads // 2
     if kv_heads % 2 and kv_heads > 1:  # odd GQA groups straddle the halves: give every query head its kv head
         k, v = (x.repeat_interleave(heads // kv_heads, dim=2) for x in (k, v))
@@ -88,15 +110,26 @@ def sf_attention(
     plain_sink = sink if variant == "sf" else 0
     outputs = []
     for part, shifted in enumerate((False, True)):
-        plan = segment_plan(batch, length, group_size, cu_seqlens, shifted=shifted, sink=plain_sink,
-                            wrap=shifted and variant == "s2", device=q.device)
+        # Built on the host from the host offsets (no device reads), then moved once.
+        plan, plan_cpu_offsets = _plan_on(segment_plan(batch, length, group_size, cu_seqlens_cpu, shifted=shifted,
+                                                       sink=plain_sink, wrap=shifted and variant == "s2",
+                                                       device="cpu"), q.device)
         q_half = q_flat[:, part * half_q:(part + 1) * half_q]
         kv_slice = slice(part * half_kv, (part + 1) * half_kv) if kv_heads % 2 == 0 else slice(None)
         q_p, k_p, v_p = (segment(x, plan)[None] for x in (q_half, k_flat[:, kv_slice], v_flat[:, kv_slice]))
         o_p = local_attention(q_p, k_p, v_p, window=plan.max_segment, sink=0, scale=scale,
-                              cu_seqlens=plan.cu_seqlens, backend=backend)
+                              cu_seqlens=plan.cu_seqlens, cu_seqlens_cpu=plan_cpu_offsets, backend=backend)
         outputs.append(reassemble(o_p[0], plan))
-    return torch.cat(outputs, dim=1).view(batch, length, heads, value_dim)
+    return (torch.cat(outputs, dim=1).view(batch, length, heads, value_dim),)
+
+
+def _fake(q, k, v, cu_seqlens, cu_seqlens_cpu, group_size, sink, scale, variant, backend):
+    return (q.new_empty(*q.shape[:3], v.shape[-1]),)
+
+
+_sf_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu, int group_size, int sink, "
+    "float? scale, str variant, str backend", differentiable=("q", "k", "v"), num_outputs=1, run=_run, fake=_fake)
 
 
 def _validate(q, k, v, group_size, sink, scale, cu_seqlens, variant) -> None:
@@ -121,12 +154,19 @@ def _validate(q, k, v, group_size, sink, scale, cu_seqlens, variant) -> None:
         _validate_cu_seqlens(cu_seqlens, batch, length)
 
 
-def _validate_cu_seqlens(cu_seqlens, batch: int, length: int) -> None:
+def _validate_cu_seqlens_dtype(cu_seqlens) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
+
+
+def _validate_cu_seqlens(cu_seqlens, batch: int, length: int) -> None:
+    """cu_seqlens: the host offsets. Values are checked in eager mode only (see `kernels.utils.compiling`)."""
+    _validate_cu_seqlens_dtype(cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{_OP}: cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if compiling():
+        return
     total = batch * length
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total:

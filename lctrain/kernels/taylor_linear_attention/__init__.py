@@ -11,7 +11,9 @@ import torch
 from lctrain.kernels.taylor_linear_attention.chunk import chunk_taylor_linear_attention
 from lctrain.kernels.taylor_linear_attention.common import MAX_FEATURE_DIM, state_rows
 from lctrain.kernels.taylor_linear_attention.naive import naive_taylor_linear_attention
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
+from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, device_cu_seqlens,
+                                   host_cu_seqlens, resolve_backend)
 
 __all__ = ["taylor_linear_attention", "naive_taylor_linear_attention", "chunk_taylor_linear_attention",
            "state_rows"]
@@ -30,6 +32,7 @@ def taylor_linear_attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention whose score is the 2nd-order Taylor expansion of exp (BASED).
 
@@ -48,6 +51,10 @@ def taylor_linear_attention(
         output_final_state: also return the state after each sequence's last token.
         cu_seqlens: int32/int64 `[N+1]` offsets of packed documents along T (requires B == 1).
         backend: None (Triton on CUDA tensors, chunked PyTorch otherwise), "triton", "torch" or "naive".
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::taylor_linear_attention` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, V]` in q's dtype, and the final state `[N, H, 1 + D + D^2, V + 1]` (fp32; float64 for
@@ -55,30 +62,54 @@ def taylor_linear_attention(
 
     Gradients flow to q, k, v and initial_state.
     """
-    _validate(q, k, v, scale, normalize, eps, initial_state, cu_seqlens)
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, scale, normalize, eps, initial_state, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if chosen == "naive":
-        y, final = naive_taylor_linear_attention(q, k, v, scale, initial_state, cu_seqlens)
-    elif chosen == "torch":
-        y, final = chunk_taylor_linear_attention(q, k, v, scale, initial_state, cu_seqlens)
-    else:
+    if chosen == "triton":
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
         if q.dtype == torch.float64:
             raise ValueError(f"{_OP}: backend='triton' does not support float64; use backend='torch' or 'naive'")
-        from lctrain.kernels.taylor_linear_attention.triton_chunk import (
-            MAX_TRITON_FEATURE_DIM,
-            triton_taylor_linear_attention,
-        )
+        from lctrain.kernels.taylor_linear_attention.triton_chunk import MAX_TRITON_FEATURE_DIM
 
         if q.shape[-1] > MAX_TRITON_FEATURE_DIM:
             raise ValueError(f"{_OP}: backend='triton' supports feature dim D <= {MAX_TRITON_FEATURE_DIM}, got "
                              f"D={q.shape[-1]}; use backend='torch' (D <= {MAX_FEATURE_DIM})")
+    o, final = _taylor_op(q, k, v, initial_state, device_cu_seqlens(cu_seqlens, host, q.device), host, float(scale),
+                          normalize, float(eps), bool(output_final_state), chosen)
+    return o, (none_if_empty(final) if output_final_state else None)
+
+
+def _run(q, k, v, initial_state, cu_seqlens, cu_seqlens_cpu, scale, normalize, eps, output_final_state, backend):
+    if backend == "naive":
+        y, final = naive_taylor_linear_attention(q, k, v, scale, initial_state, cu_seqlens)
+    elif backend == "torch":
+        y, final = chunk_taylor_linear_attention(q, k, v, scale, initial_state, cu_seqlens)
+    else:
+        from lctrain.kernels.taylor_linear_attention.triton_chunk import triton_taylor_linear_attention
+
         y, final = triton_taylor_linear_attention(q, k, v, scale, initial_state, cu_seqlens)
     value_dim = v.shape[-1]
     o = y[..., :value_dim] / (y[..., value_dim:] + eps) if normalize else y[..., :value_dim]
-    state_dtype = torch.float64 if q.dtype == torch.float64 and chosen != "triton" else torch.float32
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
     return o.to(q.dtype), (final.to(state_dtype) if output_final_state else None)
+
+
+def _fake(q, k, v, initial_state, cu_seqlens, cu_seqlens_cpu, scale, normalize, eps, output_final_state, backend):
+    batch, length, heads, feature_dim = q.shape
+    o = q.new_empty(batch, length, heads, v.shape[-1])
+    if not output_final_state:
+        return o, q.new_empty(0, dtype=torch.float32)
+    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
+    return o, q.new_empty(num_seqs, heads, state_rows(feature_dim), v.shape[-1] + 1, dtype=state_dtype)
+
+
+_taylor_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? cu_seqlens, Tensor? cu_seqlens_cpu, "
+    "float scale, bool normalize, float eps, bool output_final_state, str backend",
+    differentiable=("q", "k", "v", "initial_state"), num_outputs=2, run=_run, fake=_fake)
 
 
 def _validate(q, k, v, scale, normalize, eps, initial_state, cu_seqlens) -> None:
@@ -107,8 +138,6 @@ def _validate(q, k, v, scale, normalize, eps, initial_state, cu_seqlens) -> None
             kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
     num_seqs = check_cu_seqlens(cu_seqlens, batch, length, _OP)
-    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
     if initial_state is not None:
         expected = (num_seqs, heads, state_rows(feature_dim), v.shape[-1] + 1)
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != expected:

@@ -79,7 +79,7 @@ class TaylorLinearAttentionFunction(torch.autograd.Function):
                  else q.new_zeros(shape, dtype=torch.float32))
         cfg = launch_config(feature_dim, "fwd")
         y = _nan_like((total, heads, value_dim + 1), q)
-        taylor_fwd_kernel[(triton.cdiv(value_dim + 1, cfg.block_v), num_seqs * heads)](
+        taylor_fwd_kernel[(triton.cdiv(value_dim + 1, cfg.block_v), heads, num_seqs)](
             q, k, v, y, final, cu_seqlens, scale, heads, feature_dim, value_dim,
             BT=cfg.chunk, BD=cfg.block_d, BV=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, initial_state if initial_state is not None else None, cu_seqlens)
@@ -98,7 +98,7 @@ class TaylorLinearAttentionFunction(torch.autograd.Function):
         dkv_cfg = launch_config(feature_dim, "bwd_dkv")
         assert dq_cfg.block_v == dkv_cfg.block_v  # the partial buffers line up
         num_v_blocks = triton.cdiv(value_dim + 1, dq_cfg.block_v)
-        grid = (num_v_blocks, num_seqs * heads)
+        grid = (num_v_blocks, heads, num_seqs)
 
         scratch = (initial_state.float().clone().contiguous() if initial_state is not None
                    else q.new_zeros(ctx.state_shape, dtype=torch.float32))

@@ -10,7 +10,9 @@ import torch
 
 from lctrain.kernels.titans_memory.chunk import chunk_titans_linear_memory
 from lctrain.kernels.titans_memory.naive import naive_titans_linear_memory
-from lctrain.kernels.utils import check_cu_seqlens, check_qkv_tensors, resolve_backend
+from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, compiling, device_cu_seqlens, host_cu_seqlens,
+                                   resolve_backend)
 
 __all__ = ["titans_linear_memory", "naive_titans_linear_memory", "chunk_titans_linear_memory"]
 
@@ -29,6 +31,7 @@ def titans_linear_memory(
     output_final_state: bool = False,
     backend: str | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Titans linear memory: per head a memory M `[K, V]` and a momentum S `[K, V]`.
 
@@ -52,6 +55,10 @@ def titans_linear_memory(
         backend: None (Triton on CUDA tensors, chunked PyTorch otherwise), "triton", "torch" or "naive".
         cu_seqlens: int32/int64 `[N+1]` offsets of packed documents along T (requires B == 1); each document
             starts from its own initial state and its own first chunk. None means N = B sequences.
+        cu_seqlens_cpu: the same offsets as an int32 CPU tensor (the batch's host copy); everything
+            shape-deciding reads it. Omitted with `cu_seqlens` given: one copy is made here (a device sync).
+
+    Runs as the custom op `lctrain::titans_linear_memory` (opaque to torch.compile).
 
     Returns:
         o `[B, T, H, V]` in q's dtype, and `(M, S)` each `[N, H, K, V]` (float32; float64 for float64 inputs on
@@ -59,22 +66,60 @@ def titans_linear_memory(
 
     Gradients flow to q, k, v, alpha, eta, theta and initial_state.
     """
-    _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens)
+    host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
+    _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
+    if chosen == "triton":
+        try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
+            import lctrain.kernels.titans_memory.triton_chunk  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in "
+                                 "this build); use backend='torch' or 'naive'") from None
+            chosen = "torch"
+    if chosen == "triton":
+        _validate_for_triton(q, v, chunk_size)
+    memory, momentum = (None, None) if initial_state is None else initial_state
+    o, final_memory, final_momentum = _titans_op(
+        q, k, v, alpha, eta, theta, memory, momentum, device_cu_seqlens(cu_seqlens, host, q.device), host,
+        chunk_size, bool(output_final_state), chosen)
+    if not output_final_state:
+        return o, None
+    return o, (none_if_empty(final_memory), none_if_empty(final_momentum))
+
+
+def _run(q, k, v, alpha, eta, theta, memory, momentum, cu_seqlens, cu_seqlens_cpu, chunk_size, output_final_state,
+         backend):
+    initial_state = None if memory is None else (memory, momentum)
     args = (q, k, v, alpha, eta, theta, chunk_size, initial_state, output_final_state, cu_seqlens)
-    if chosen == "naive":
-        return naive_titans_linear_memory(*args)
-    if chosen == "torch":
-        return chunk_titans_linear_memory(*args)
-    try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
+    if backend == "naive":
+        o, final = naive_titans_linear_memory(*args)
+    elif backend == "torch":
+        o, final = chunk_titans_linear_memory(*args)
+    else:
         from lctrain.kernels.titans_memory.triton_chunk import triton_titans_linear_memory
-    except ImportError:
-        if backend == "triton":
-            raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in this "
-                             "build); use backend='torch' or 'naive'") from None
-        return chunk_titans_linear_memory(*args)
-    _validate_for_triton(q, v, chunk_size)
-    return triton_titans_linear_memory(*args)
+
+        o, final = triton_titans_linear_memory(*args, cu_seqlens_cpu=cu_seqlens_cpu)
+    return (o, None, None) if final is None else (o, *final)
+
+
+def _fake(q, k, v, alpha, eta, theta, memory, momentum, cu_seqlens, cu_seqlens_cpu, chunk_size, output_final_state,
+          backend):
+    batch, length, heads, key_dim = q.shape
+    o = q.new_empty(batch, length, heads, v.shape[-1])
+    if not output_final_state:
+        return o, q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
+    shape = (num_seqs, heads, key_dim, v.shape[-1])
+    return o, q.new_empty(shape, dtype=state_dtype), q.new_empty(shape, dtype=state_dtype)
+
+
+_titans_op = opaque_op(
+    _OP, "Tensor q, Tensor k, Tensor v, Tensor alpha, Tensor eta, Tensor theta, Tensor? memory, Tensor? momentum, "
+    "Tensor? cu_seqlens, Tensor? cu_seqlens_cpu, int chunk_size, bool output_final_state, str backend",
+    differentiable=("q", "k", "v", "alpha", "eta", "theta", "memory", "momentum"), num_outputs=3, run=_run,
+    fake=_fake)
 
 
 def _shape(x) -> object:
@@ -98,7 +143,7 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens)
             raise ValueError(f"{_OP}: {name} must be [B, T, H] = [{batch}, {length}, {heads}], got {_shape(gate)}")
         if not gate.is_floating_point():
             raise ValueError(f"{_OP}: {name} must be floating point, got {gate.dtype}")
-        if not gate.is_cuda and gate.numel() and bool(((gate < 0) | (gate > 1)).any()):
+        if gate.device.type == "cpu" and not compiling() and gate.numel() and bool(((gate < 0) | (gate > 1)).any()):
             raise ValueError(f"{_OP}: {name} values must lie in [0, 1], got min {gate.min().item():.4g} "
                              f"max {gate.max().item():.4g}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -108,8 +153,6 @@ def _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, cu_seqlens)
             kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
             raise ValueError(f"{_OP}: cu_seqlens must be an int32 or int64 tensor [N+1], got {kind}")
     num_seqs = check_cu_seqlens(cu_seqlens, batch, length, _OP)
-    if cu_seqlens is not None and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"{_OP}: cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
     if initial_state is not None:
         expected = (num_seqs, heads, key_dim, v.shape[-1])
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:

@@ -42,7 +42,8 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
     M, S `[N, H, K, V]` fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_size, cu_seqlens):
+    def forward(ctx, q, k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_size, cu_seqlens,
+                cu_seqlens_cpu=None):
         q, k, v = (x.contiguous() for x in (q, k, v))
         alpha, eta, theta = (x.to(torch.float32).contiguous() for x in (alpha, eta, theta))
         has_initial = initial_memory is not None
@@ -53,7 +54,8 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
         value_dim = v.shape[-1]
         num_seqs = cu_seqlens.numel() - 1
         cfg = launch_config(key_dim, value_dim, chunk_size, TORCH_DTYPES[q.dtype])
-        chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, chunk_size)
+        host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # tables built on the host
+        chunk_indices, chunk_offsets = (t.to(q.device, non_blocking=True) for t in chunk_tables(host, chunk_size))
         num_chunks = chunk_indices.shape[0]
         f32 = {"dtype": torch.float32, "device": q.device}
         o = new_buffer((total, heads, value_dim), q.dtype, q.device)
@@ -66,12 +68,12 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
             k, v, alpha, eta, theta, initial_memory, initial_momentum, chunk_memory, chunk_momentum,
             final_memory, final_momentum, cu_seqlens, chunk_offsets, chunk_size, heads, key_dim, value_dim,
             BT=cfg.chunk_tile, BK=cfg.key_block, BV=cfg.value_block, HAS_INITIAL=has_initial,
-            PRECISION=cfg.precision, num_warps=cfg.num_warps)
+            PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if num_chunks:
             titans_fwd_output_kernel[(num_chunks, heads, num_v_blocks)](
                 q, k, v, alpha, eta, theta, chunk_memory, chunk_momentum, o, cu_seqlens, chunk_indices,
                 chunk_size, heads, key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block,
-                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, alpha, eta, theta, chunk_memory, chunk_momentum, cu_seqlens,
                               chunk_indices, chunk_offsets)
         ctx.cfg, ctx.chunk_size, ctx.has_initial = cfg, chunk_size, has_initial
@@ -102,12 +104,12 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
             titans_bwd_local_kernel[(num_chunks, heads, num_v_blocks)](
                 q, k, alpha, eta, theta, d_out, d_error_local, cu_seqlens, chunk_indices, chunk_size, heads,
                 key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block, BV=cfg.value_block,
-                PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         titans_bwd_state_kernel[(num_seqs * heads, num_v_blocks)](
             q, k, alpha, eta, theta, d_out, d_error_local, d_final_memory, d_final_momentum, chunk_d_memory,
             chunk_d_momentum, d_initial_memory, d_initial_momentum, cu_seqlens, chunk_offsets, chunk_size, heads,
             key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.key_block, BV=cfg.value_block, PRECISION=cfg.precision,
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         dq_part = new_buffer((num_v_blocks, total, heads, key_dim), **f32)
         dk_part = new_buffer((num_v_blocks, total, heads, key_dim), **f32)
         dv = new_buffer((total, heads, value_dim), **f32)
@@ -117,15 +119,15 @@ class TitansLinearMemoryFunction(torch.autograd.Function):
                 q, k, v, alpha, eta, theta, d_out, chunk_memory, chunk_momentum, chunk_d_memory,
                 chunk_d_momentum, dq_part, dk_part, dv, *gate_parts, cu_seqlens, chunk_indices, chunk_size,
                 total, heads, key_dim, value_dim, BT=cfg.chunk_tile, BK=cfg.inner_key_block,
-                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps)
+                BV=cfg.value_block, PRECISION=cfg.chunk_precision, num_warps=cfg.chunk_warps, num_stages=cfg.num_stages)
         d_alpha, d_eta, d_theta = (part.sum(0) for part in gate_parts)
         d_initial = (d_initial_memory, d_initial_momentum) if ctx.has_initial else (None, None)
         return (dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv.to(v.dtype), d_alpha, d_eta, d_theta,
-                *d_initial, None, None)
+                *d_initial, None, None, None)
 
 
 def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_state=None,
-                                output_final_state=False, cu_seqlens=None):
+                                output_final_state=False, cu_seqlens=None, cu_seqlens_cpu=None):
     """Triton Titans linear memory on `[B, T, H, D]` inputs (validated; shapes as in `titans_linear_memory`).
 
     Returns o `[B, T, H, V]` in q's dtype and the final `(M, S)` (fp32, `[N, H, K, V]`) or None.
@@ -133,7 +135,8 @@ def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
+        cu_seqlens_cpu = torch.arange(0, batch + 1, dtype=torch.int32) * length
+        cu_seqlens = cu_seqlens_cpu.to(q.device, non_blocking=True)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     flat = batch * length
@@ -141,7 +144,7 @@ def triton_titans_linear_memory(q, k, v, alpha, eta, theta, chunk_size, initial_
     o, memory, momentum = TitansLinearMemoryFunction.apply(
         q.reshape(flat, heads, key_dim), k.reshape(flat, heads, key_dim), v.reshape(flat, heads, value_dim),
         alpha.reshape(flat, heads), eta.reshape(flat, heads), theta.reshape(flat, heads),
-        initial_memory, initial_momentum, chunk_size, cu_seqlens)
+        initial_memory, initial_momentum, chunk_size, cu_seqlens, cu_seqlens_cpu)
     return o.reshape(batch, length, heads, value_dim), ((memory, momentum) if output_final_state else None)
 
 
@@ -191,11 +194,11 @@ def aot_specs(dtype: str, head_dims=None, chunk_sizes=CHUNK_TILES) -> list:
             ]
             for kernel, constexprs, warps in launches:
                 shape = ",".join(f"{key}={constexprs[key]}" for key in ("BT", "BK", "BV"))
-                label = f"{kernel.__name__}[{shape},{constexprs['PRECISION']},warps={warps}]"
-                variants.setdefault(label, (kernel, constexprs, warps))
+                label = f"{kernel.__name__}[{shape},{constexprs['PRECISION']},warps={warps},stages={cfg.num_stages}]"
+                variants.setdefault(label, (kernel, constexprs, warps, cfg.num_stages))
     specs = []
-    for label, (kernel, constexprs, warps) in variants.items():
+    for label, (kernel, constexprs, warps, stages) in variants.items():
         sig = _signature(kernel, constexprs, dtype)
-        specs.append(AotSpec(kernel, sig, constexprs, warps, 1, label,
+        specs.append(AotSpec(kernel, sig, constexprs, warps, stages, label,
                              divisibility_attrs(kernel, sig, ints=("K", "V"))))
     return specs

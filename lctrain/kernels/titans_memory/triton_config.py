@@ -31,6 +31,7 @@ class LaunchConfig:
     inner_key_block: BK of the per-chunk kernels (output, gradients), which loop over K.
     precision, num_warps: `tl.dot` input precision and warps of the sequential kernels.
     chunk_precision, chunk_warps: the same for the per-chunk kernels.
+    num_stages: pipelining stages of every kernel.
     """
 
     chunk_tile: int
@@ -41,6 +42,9 @@ class LaunchConfig:
     num_warps: int
     chunk_precision: str
     chunk_warps: int
+    # Passed at launch and compiled by the ahead-of-time check: Triton's default (3) spilled the backward
+    # kernels (24-48 bytes of stack on sm_90); one stage is spill-free.
+    num_stages: int = 1
 
 
 def chunk_tile(chunk_size: int) -> int:

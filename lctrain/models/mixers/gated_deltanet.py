@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lctrain.models.blocks import RMSNorm
 from lctrain.models.context import BatchContext
-from lctrain.models.mixers.linear_common import run_linear_op, short_conv
+from lctrain.models.mixers.linear_common import op_dtype, run_linear_op, short_conv
 from lctrain.models.mixers.registry import register_mixer
 from lctrain.models.shortconv import ShortConvolution
 
@@ -72,9 +72,10 @@ class GatedDeltaNet(nn.Module):
         q = short_conv(self.q_conv, self.q_proj(x), ctx, layer_cache, "q_conv")
         k = short_conv(self.k_conv, self.k_proj(x), ctx, layer_cache, "k_conv")
         v = short_conv(self.v_conv, self.v_proj(x), ctx, layer_cache, "v_conv")
-        q = F.normalize(q.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(x.dtype)
-        k = F.normalize(k.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(x.dtype)
-        v = v.view(batch, seqlen, self.n_heads, self.head_v_dim)
+        dtype = op_dtype(x)  # bf16 under bf16 autocast: the kernel's bf16 variant
+        q = F.normalize(q.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(dtype)
+        k = F.normalize(k.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(dtype)
+        v = v.view(batch, seqlen, self.n_heads, self.head_v_dim).to(dtype)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
         beta = torch.sigmoid(self.b_proj(x).float())
         o = run_linear_op("gated_delta_rule", q, k, v, ctx, layer_cache, backend=self.backend,

@@ -103,8 +103,9 @@ class LandmarkAttention(nn.Module):
             o = landmark_attention(q, k, v, self.block_size, self.scale, backend=self.backend)
         else:
             flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
-            o = landmark_attention(*flat, self.block_size, self.scale, backend=self.backend,
-                                   cu_seqlens=ctx.cu_seqlens).view(batch, seqlen, self.n_heads, self.head_dim)
+            host = None if ctx.docs is None else ctx.docs.cu_seqlens_cpu
+            o = landmark_attention(*flat, self.block_size, self.scale, backend=self.backend, cu_seqlens=ctx.cu_seqlens,
+                                   cu_seqlens_cpu=host).view(batch, seqlen, self.n_heads, self.head_dim)
         return self.o_proj(o.reshape(batch, seqlen, -1))
 
     def _attend_cached(self, q, k, v, cache: dict) -> torch.Tensor:

@@ -21,6 +21,16 @@ def _flatten(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
+def op_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q/k/v should reach a kernel op in: the autocast dtype while autocast is on (the fp32 residual
+    stream and fp32 short-convolution weights would otherwise promote them and select the fp32 kernel variant:
+    twice the bytes, tf32 dots), else x's own. Ops keep states and accumulation in fp32 either way."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
                   layer_cache: dict | None, backend: str | None = None, **gates) -> torch.Tensor:
     """Run `lctrain.kernels.<name>(q, k, v, **gates, ...)` for q/k [B, T, H, K], v [B, T, H, V]; gates are
@@ -35,12 +45,13 @@ def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if ctx.sp is not None:
         from lctrain import parallel
         return getattr(parallel, f"sp_{name}")(q, k, v, **gates, placement=ctx.sp, backend=backend)
-    if ctx.cu_seqlens is None or (ctx.docs is not None and ctx.docs.single_doc_rows):
-        # every row is one document: the batched [B, T] path, no packing copies, rows walked together
+    docs = ctx.docs
+    if ctx.cu_seqlens is None or (docs is not None and docs.single_doc_rows):  # host value: no device read
         o, _ = op(q, k, v, **gates, backend=backend)
         return o
     flat_gates = {key: _flatten(val) if val is not None and val.dim() == 3 else val for key, val in gates.items()}
-    o, _ = op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, cu_seqlens=ctx.cu_seqlens, backend=backend)
+    o, _ = op(_flatten(q), _flatten(k), _flatten(v), **flat_gates, cu_seqlens=ctx.cu_seqlens,
+              cu_seqlens_cpu=None if docs is None else docs.cu_seqlens_cpu, backend=backend)
     return o.reshape(batch, seqlen, *o.shape[2:])
 
 

@@ -160,7 +160,8 @@ class Titans(nn.Module):
         if ctx.cu_seqlens is None:
             return self._documents(x)
         flat = x.reshape(batch * seqlen, dim)
-        bounds = ctx.cu_seqlens.tolist()
+        # Host offsets (no device read); a compiled block specialises on this batch's document lengths.
+        bounds = list(ctx.docs.offsets) if ctx.docs is not None else ctx.cu_seqlens.tolist()
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
         if len(set(lengths)) == 1:  # equal documents (one per row is the common case) run as one batch
             return self._documents(flat.view(len(lengths), lengths[0], dim)).reshape(batch, seqlen, dim)
