@@ -7,10 +7,7 @@ import torch
 from lctrain.config import load_config
 from lctrain.models import BatchContext, LanguageModel
 
-LETTERS = ["G", "L", "S", "B", "C", "M", pytest.param("T", marks=pytest.mark.slow),
-           pytest.param("A", marks=pytest.mark.xfail(reason="attention mixer: single entry point and host-side "
-                                                      "document checks belong to the fused-attention issue (#14)",
-                                                 strict=False))]
+LETTERS = ["A", "G", "L", "S", "B", "C", "M", pytest.param("T", marks=pytest.mark.slow)]
 MIXER_OPTS = ("model.mixers={gdn: {head_k_dim: 8, head_v_dim: 16}, swa: {window: 5}, landmark: {block_size: 4}, "
               "titans: {variant: mag, chunk_size: 4, window: 6, persistent_tokens: 2}, based: {feature_dim: 4}, "
               "conv: {kernel_size: 3}}")
