@@ -105,7 +105,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_interval: int = 1
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
@@ -115,6 +115,12 @@ class ParallelConfig:
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     attn: Literal["allgather", "ring", "ulysses"] = "allgather"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # fsdp engine: free each block's gathered weights after its forward (gather again in backward); false keeps
+    # them until backward (more memory, one all-gather less per block)
+    reshard_after_forward: bool = True
+    # fsdp engine: reduce-scatter gradients once per step (`step`) or after every micro-batch (`micro_step`: less
+    # memory under gradient accumulation, more communication)
+    fsdp_grad_sync: Literal["step", "micro_step"] = "step"
 
 
 @dataclass
@@ -123,6 +129,8 @@ class CheckpointConfig:
     keep_last: int = 2
     init_from: str = ""  # weights-only start: a checkpoint or run directory
     resume: bool = True  # continue from <run.dir>/checkpoints/latest when present
+    # fsdp engine: write the shards in the background while training goes on (`checkpoint.async` is the same key)
+    async_save: bool = False
 
 
 @dataclass
@@ -381,6 +389,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.steps=20")
         _set_dotted(tree, key, _parse_scalar(text))
+    if isinstance(tree.get("checkpoint"), dict) and "async" in tree["checkpoint"]:  # a Python keyword as a field
+        tree["checkpoint"] = {("async_save" if k == "async" else k): v for k, v in tree["checkpoint"].items()}
     cfg = _build(Config, tree, "")
     cfg.data.sources = [_coerce(s, SourceConfig, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
     if path is not None:
@@ -425,6 +435,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps={cfg.train.steps}")
     _validate_deepspeed(cfg.deepspeed)
+    if cfg.checkpoint.async_save and cfg.train.engine != "fsdp":
+        raise ConfigError(f"checkpoint.async_save: background saves need train.engine='fsdp' (sharded checkpoints), "
+                          f"got {cfg.train.engine!r}")
     _validate_lora(cfg)
     if m.attn_plan and not Path(m.attn_plan).is_file():
         raise ConfigError(f"model.attn_plan: file not found: {m.attn_plan} (write one with `lctrain moa search`)")

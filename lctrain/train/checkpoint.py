@@ -164,11 +164,13 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, model, optimizer, load_engine_state=None) -> tuple[dict, dict]:
+    def load(self, path: Path, model, optimizer, load_engine_state=None,
+             any_world_size: bool = False) -> tuple[dict, dict]:
         """Restore model, optimizer and this rank's RNG; return (trainer_state, data_state).
-        `load_engine_state(path)` replaces the model/optimizer part for engines that saved their own."""
+        `load_engine_state(path)` replaces the model/optimizer part for engines that saved their own.
+        `any_world_size`: the engine's state reshards (DCP), so another world size may continue the run."""
         trainer = json.loads((path / "trainer.json").read_text())
-        if trainer.get("world_size") != self.world_size:
+        if trainer.get("world_size") != self.world_size and not any_world_size:
             from lctrain.config import ConfigError
             raise ConfigError(f"checkpoint {path} was written by {trainer.get('world_size')} processes, this run has "
                              f"{self.world_size}: resume with the same world size (or start a new run with "
@@ -182,7 +184,10 @@ class CheckpointManager:
             else:
                 load_model_weights(model, path / "model.safetensors")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        per_rank = torch.load(path / f"rank-{self.rank}.pt", weights_only=True)
+        rank_file = path / f"rank-{self.rank}.pt"
+        if trainer.get("world_size") != self.world_size:  # the data position is global; RNG as rank 0 had it
+            rank_file = path / "rank-0.pt"
+        per_rank = torch.load(rank_file, weights_only=True)
         set_rng_state(per_rank["rng"])
         return trainer, per_rank["data"]
 
@@ -190,6 +195,8 @@ class CheckpointManager:
 def _weights_in(directory: Path) -> Path:
     """A checkpoint directory's weights: model.safetensors, or adapter.safetensors for a LoRA run."""
     adapter = directory / "adapter.safetensors"
+    if not (directory / "model.safetensors").is_file() and (directory / "dcp").is_dir():
+        return directory / "dcp"  # a sharded (fsdp) checkpoint: read with lctrain.train.dcp_checkpoint
     return adapter if adapter.is_file() and not (directory / "model.safetensors").is_file() else \
         directory / "model.safetensors"
 
@@ -204,7 +211,7 @@ def resolve_weights(path: str | os.PathLike) -> Path:
         pointer = root / LATEST
         if pointer.is_file():
             return _weights_in(root / pointer.read_text().strip())
-    if (p / "model.safetensors").is_file() or (p / "adapter.safetensors").is_file():
+    if any((p / name).exists() for name in ("model.safetensors", "adapter.safetensors", "dcp")):
         return _weights_in(p)
     raise FileNotFoundError(f"no model weights under {p} (expected a run dir, a checkpoint dir or a .safetensors file)")
 
@@ -228,6 +235,10 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
         load_merged(model, weights)
         return
     try:
-        load_model_weights(model, weights)
+        if weights.is_dir():
+            from lctrain.train.dcp_checkpoint import load_full_weights
+            load_full_weights(model, weights)
+        else:
+            load_model_weights(model, weights)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -86,7 +86,12 @@ class Trainer:
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
 
-        self.model = LanguageModel(cfg.model).to(env.device)
+        if cfg.train.engine == "fsdp" and not cfg.checkpoint.init_from:
+            from lctrain.models.init import parameters_on_meta
+            with parameters_on_meta():  # the engine shards it, then materialises it shard by shard
+                self.model = LanguageModel(cfg.model)
+        else:
+            self.model = LanguageModel(cfg.model).to(env.device)
         if cfg.checkpoint.init_from:
             self._init_from(cfg.checkpoint.init_from)
         self.batches = BatchPreparer(cfg, env, self.layout)
@@ -189,6 +194,8 @@ class Trainer:
         saved_at = step if latest is not None else -1
         step_t0 = time.perf_counter()
 
+        finish_saves = getattr(engine, "finish_saves", lambda: None)  # background (async) saves complete here
+
         def save(at_step: int) -> None:
             trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                              "scheduler": engine.scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
@@ -263,6 +270,7 @@ class Trainer:
                         save(step)
                         saved_at = step
                 if stop_now:
+                    finish_saves()
                     if self.main:
                         why = f"signal {stop.signum}" if stop.requested else f"train.stop_at={cfg.train.stop_at}"
                         progress.write(f"stopped ({why}): checkpoint saved at step {step}")
@@ -275,6 +283,7 @@ class Trainer:
                     progress.write(f"final eval_loss {result['eval_loss']:.4f} eval_ppl {result['eval_ppl']:.2f}")
             if saved_at != step:
                 save(step)
+            finish_saves()
             return 0
         finally:
             progress.close()
