@@ -205,7 +205,7 @@ def resolve_weights(path: str | os.PathLike) -> Path:
     """A run directory, a checkpoints dir, a checkpoint dir or a .safetensors file -> the weights file
     (`adapter.safetensors` for a LoRA run: `load_weights` merges it with its base)."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
+    if (p.is_file() and p.suffix == ".safetensors") or (p.name == "dcp" and (p / ".metadata").is_file()):
         return p
     for root in (p / "checkpoints", p):
         pointer = root / LATEST

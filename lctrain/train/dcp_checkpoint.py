@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def load_full_weights(model: torch.nn.Module, directory: Path) -> None:
     (no process group needed, none used if one exists)."""
     state = {MODEL_KEY: {k: v for k, v in model.state_dict().items()}}
     try:
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     except Exception as exc:  # DCP reports a missing key or a shape mismatch as a generic CheckpointException
         raise ValueError(f"checkpoint {directory}: its weights do not fit this model ({str(exc).splitlines()[0]}); "
                          "was it saved from a model with a different config?") from None
