@@ -19,7 +19,7 @@ from lctrain.models.flops import flops_per_token, peak_flops
 from lctrain.train.batches import BatchPreparer
 from lctrain.train.checkpoint import CheckpointManager, load_weights
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from lctrain.train.memory import activation_memory_estimate
+from lctrain.train.memory import activation_memory_estimate, fsdp_memory_lines
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
 from lctrain.train.engine import build_engine
 from lctrain.train.signals import StopRequest
@@ -125,6 +125,7 @@ class Trainer:
                "parameters train"] if self.cfg.lora.enabled else []),
             f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
             f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
+            *(fsdp_memory_lines(self.cfg, m, sorted({lay.world, 8, 64})) if self.cfg.train.engine == "fsdp" else []),
         ])
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -303,7 +304,11 @@ def train(cfg: Config, dry_run: bool = False) -> int:
     env = init_distributed(cfg.parallel.backend)
     finished = False
     try:
+        sp = cfg.parallel.sp
+        if dry_run and env.world_size % sp:  # a plan on fewer processes than one SP group: data laid out as sp=1
+            cfg.parallel.sp = 1
         trainer = Trainer(cfg, env)
+        cfg.parallel.sp = sp  # the summary's memory estimate is for the recipe's layout
         if dry_run:
             if env.is_main:
                 print(trainer.summary(), flush=True)
