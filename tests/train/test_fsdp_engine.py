@@ -23,6 +23,7 @@ def jobs_for(world: int, run: str) -> list:
         return [["meta-GALS", "meta_init", {"pattern": "GALS"}], ["meta-CBTA", "meta_init", {"pattern": "CBTA"}],
                 ["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}],
                 ["fsdp-micro", "train", {"engine": "fsdp", "extra": MICRO_SYNC}],
+                ["fsdp-ac", "train", {"engine": "fsdp", "extra": ["model.activation_checkpointing=true"]}],
                 *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume]
     if world == 4:
         return [["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}], *resume]
@@ -84,6 +85,13 @@ def test_fsdp_reduce_every_micro_step_matches(results):
     step = outcome(results, 2, "fsdp")[0]
     micro = outcome(results, 2, "fsdp-micro")[0]
     assert close(step["losses"], micro["losses"], 1e-6)
+
+
+def test_fsdp_with_activation_checkpointing_matches(results):
+    """Blocks recomputed in backward re-gather their weights: the same result as without."""
+    plain = outcome(results, 2, "fsdp")[0]
+    recomputed = outcome(results, 2, "fsdp-ac")[0]
+    assert close(plain["losses"], recomputed["losses"], 1e-6)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
