@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, engine_name: str, ov
                 out = engine.model(tokens[:, :-1], labels=tokens[:, 1:])
                 loss_sum = out[0] if isinstance(out, tuple) else out.loss_sum
                 engine.backward(loss_sum, layout.world / (micro * seq_len * layout.world))
-            engine.step(float(loss_sum) / (micro * seq_len))
+            engine.step(float(loss_sum.detach()) / (micro * seq_len))
             if env.device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= warmup:
@@ -135,11 +135,13 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=0, help="CPU model width (default 512)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available() and not args.quick
     args.seq_len = args.seq_len or (8192 if on_gpu else 256)
-    overrides = ["model.vocab_size=32000"] if on_gpu else CPU_MODEL
+    overrides = ["model.vocab_size=32000"] if on_gpu else CPU_MODEL + (
+        [f"model.d_model={args.d_model}", f"model.ffn_dim={args.d_model * 11 // 4 // 64 * 64}"] if args.d_model else [])
     if on_gpu:
         from lctrain.config import load_config
         recipe = load_config(ROOT / "recipes" / "hybrid_3to1.yaml")

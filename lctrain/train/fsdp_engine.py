@@ -17,6 +17,7 @@ trading communication for the memory of full gradients.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 from pathlib import Path
@@ -38,6 +39,7 @@ def ensure_process_group(env) -> None:
     if not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def shard_mesh(env, layout):
