@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import traceback
 from pathlib import Path
@@ -129,7 +130,26 @@ def case_resume(env, args):
     return {"losses": train_steps(engine, layout, env, range(state["step"], 6)), "data": data}
 
 
-CASES = {"meta_init": case_meta_init, "train": case_train, "save": case_save, "resume": case_resume}
+def case_nonfinite(env, args):
+    """A step whose gradients are NaN is skipped on every shard (weights untouched); training then goes on."""
+    cfg = make_cfg("fsdp", env.world_size)
+    engine, layout = build(cfg, env, meta=True)
+    train_steps(engine, layout, env, range(1))
+    before = full_weights(engine)
+    rows = global_batch(1)[env.rank::layout.world]
+    with engine.micro_step(last=True):
+        out = engine.model(rows[:, :-1], labels=rows[:, 1:])
+        engine.backward(out.loss_sum * float("nan"), 1.0)
+    grad_norm, applied = engine.step(float("nan"))
+    after = full_weights(engine)
+    assert not applied and math.isnan(grad_norm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    later = train_steps(engine, layout, env, range(2, 4))
+    assert all(math.isfinite(x) for x in later)
+    return {"later": later}
+
+
+CASES = {"nonfinite": case_nonfinite, "meta_init": case_meta_init, "train": case_train, "save": case_save, "resume": case_resume}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, jobs: list) -> None:

@@ -23,6 +23,7 @@ def jobs_for(world: int, run: str) -> list:
         return [["meta-GALS", "meta_init", {"pattern": "GALS"}], ["meta-CBTA", "meta_init", {"pattern": "CBTA"}],
                 ["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}],
                 ["fsdp-micro", "train", {"engine": "fsdp", "extra": MICRO_SYNC}],
+                ["nonfinite", "nonfinite", {}],
                 ["fsdp-ac", "train", {"engine": "fsdp", "extra": ["model.activation_checkpointing=true"]}],
                 *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume]
     if world == 4:
@@ -92,6 +93,10 @@ def test_fsdp_with_activation_checkpointing_matches(results):
     plain = outcome(results, 2, "fsdp")[0]
     recomputed = outcome(results, 2, "fsdp-ac")[0]
     assert close(plain["losses"], recomputed["losses"], 1e-6)
+
+
+def test_fsdp_skips_a_non_finite_step(results):
+    assert outcome(results, 2, "nonfinite")[0]["later"]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
