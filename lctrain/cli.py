@@ -40,6 +40,14 @@ def _moa(argv: list[str]) -> int:
 SUBCOMMANDS["moa"] = _moa
 
 
+def _plan(argv: list[str]) -> int:
+    from lctrain.plan.command import plan_main  # memory / communication / time of a recipe on N GPUs
+    return plan_main(argv)
+
+
+SUBCOMMANDS["plan"] = _plan
+
+
 def find_recipe(name: str) -> Path:
     """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
     path = Path(name)

@@ -1,8 +1,11 @@
 """Model configuration in both directions: an lctrain model -> Hugging Face `config.json`, and a Hugging Face
 `config.json` (Llama family, or an lctrain export) -> lctrain `model.*` keys.
 
-The JSON is written by hand rather than through transformers' config classes so that it reads the same in every
-transformers version: `rope_theta` is written both flat (4.x) and inside `rope_parameters` (5.x).
+The JSON is written by hand rather than through transformers' config classes. RoPE is described once, in
+`rope_parameters` (the transformers 5 format: rope_type, factor, rope_theta). `max_position_embeddings` is the
+longest input the model is known to handle: the training length times the RoPE interpolation factor of its full
+attention layers; `context_limits` says the same per mixer type, null for mixers with no length limit (recurrent
+state, sliding window, segment-local positions), and a model made only of those has no limit (null).
 """
 from __future__ import annotations
 
@@ -70,7 +73,27 @@ def mixer_config(model) -> dict:
     return out
 
 
-def _common(model, special_ids: dict, max_positions: int) -> dict:
+def context_limits(model, trained_length: int) -> dict:
+    """Longest input per mixer type of `model`, or None where the mixer has no length limit. Full attention uses
+    absolute RoPE positions: exact to the training length times its interpolation factor (what lctrain measures,
+    not a guess beyond it). Landmark attention is limited like full attention without interpolation."""
+    limits = {}
+    for kind, opts in mixer_config(model).items():
+        if kind == "attn":
+            limits[kind] = int(trained_length * float(opts.get("rope_scaling", 1.0)))
+        elif kind == "landmark":
+            limits[kind] = int(trained_length)
+        else:
+            limits[kind] = None
+    return limits
+
+
+def max_positions(model, trained_length: int) -> int | None:
+    bounded = [n for n in context_limits(model, trained_length).values() if n is not None]
+    return min(bounded) if bounded else None
+
+
+def _common(model, special_ids: dict, trained_length: int) -> dict:
     cfg = model.cfg
     attn = mixer_config(model).get("attn", {})
     head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -88,10 +111,8 @@ def _common(model, special_ids: dict, max_positions: int) -> dict:
         "head_dim": head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": rope_theta,
         "rope_parameters": {**rope, "rope_theta": rope_theta},
-        **({"rope_scaling": dict(rope)} if factor != 1.0 else {}),
-        "max_position_embeddings": max_positions,
+        "max_position_embeddings": max_positions(model, trained_length),
         "tie_word_embeddings": bool(cfg.tie_embeddings),
         "initializer_range": cfg.init_std,
         "use_cache": True,
@@ -99,17 +120,18 @@ def _common(model, special_ids: dict, max_positions: int) -> dict:
     }
 
 
-def llama_config(model, special_ids: dict, max_positions: int, dtype: str) -> dict:
+def llama_config(model, special_ids: dict, trained_length: int, dtype: str) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            **_common(model, special_ids, max_positions), "attention_bias": False, "attention_dropout": 0.0,
+            **_common(model, special_ids, trained_length), "attention_bias": False, "attention_dropout": 0.0,
             "mlp_bias": False, "pretraining_tp": 1, "torch_dtype": dtype, "dtype": dtype}
 
 
-def lctrain_config(model, special_ids: dict, max_positions: int, dtype: str) -> dict:
+def lctrain_config(model, special_ids: dict, trained_length: int, dtype: str) -> dict:
     return {"architectures": ["LctrainForCausalLM"], "model_type": "lctrain",
             "auto_map": {"AutoConfig": "configuration_lctrain.LctrainConfig",
                          "AutoModelForCausalLM": "modeling_lctrain.LctrainForCausalLM"},
-            **_common(model, special_ids, max_positions),
+            **_common(model, special_ids, trained_length),
+            "trained_length": trained_length, "context_limits": context_limits(model, trained_length),
             "layer_types": [HF_LAYER_TYPES[t] for t in model.layer_types],
             "mixer_types": list(model.layer_types), "mixer_config": mixer_config(model),
             **_landmark_token(model), "torch_dtype": dtype, "dtype": dtype}

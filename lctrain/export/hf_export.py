@@ -4,7 +4,8 @@
     model.safetensors            weights (sharded with model.safetensors.index.json above --max-shard-size)
     tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     generation_config.json
-    configuration_lctrain.py, modeling_lctrain.py, lctrain_*.py   hybrid models only (auto_map, trust_remote_code)
+    configuration_lctrain.py, modeling_lctrain.py, lctrain_*.py, tokenization_lctrain.py
+                                 hybrid models only (auto_map for the model and the tokenizer, trust_remote_code)
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def hf_state_dict(model: LanguageModel, llama: bool, dtype: torch.dtype) -> dict
 def export_model(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path, dtype: str = "float32",
                  max_positions: int = 2048, max_shard_size: str | int = "5GB", remote_code: bool = False) -> Path:
     """Write `model` + `tokenizer` to `out_dir`; returns it. Pure-attention models become plain Llama unless
-    `remote_code` asks for the lctrain format."""
+    `remote_code` asks for the lctrain format. `max_positions` is the training context length; the exported
+    limits (config `max_position_embeddings`, tokenizer `model_max_length`) follow from it and the RoPE scaling."""
     from huggingface_hub import save_torch_state_dict
 
     if dtype not in DTYPES:
@@ -60,7 +62,8 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, out_dir: str | Path
     ids = special_ids(tokenizer)
     build = hf_config.llama_config if llama else hf_config.lctrain_config
     config = build(model, ids, max_positions, dtype)
-    write_tokenizer(tokenizer, out, max_positions)  # before config.json: AutoTokenizer reads that file if present
+    # Before config.json: AutoTokenizer reads that file if present.
+    write_tokenizer(tokenizer, out, hf_config.max_positions(model, max_positions), remote_code=not llama)
     for stale in out.glob("model*.safetensors*"):  # a previous export with another sharding
         stale.unlink()
     save_torch_state_dict(hf_state_dict(model, llama, DTYPES[dtype]), out, max_shard_size=max_shard_size)

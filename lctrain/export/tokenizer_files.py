@@ -3,6 +3,10 @@
 `tokenizer.model` plus a `LlamaTokenizer` config with `legacy: false` and `add_prefix_space: false` reproduces
 lctrain's encoding exactly (lctrain trains with identity normalisation and no dummy prefix); transformers then
 writes its `tokenizer.json` too, so loading later needs neither sentencepiece nor a conversion.
+
+Hybrid exports name `tokenization_lctrain.LctrainTokenizer` in `auto_map` (so AutoTokenizer needs
+trust_remote_code=True, as it already does to read their config): transformers 5 drops `add_bos_token` from
+the config of a tokenizer.json-backed Llama tokenizer, which then reads False although BOS is added.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ def _piece(pieces, token_id: int, fallback: str) -> str:
     return fallback
 
 
-def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
+def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int | None, remote_code: bool = False) -> None:
+    """`max_length` None: no length limit (transformers' default model_max_length, a very large number)."""
     import sentencepiece as spm
 
     out_dir = Path(out_dir)
@@ -44,10 +49,18 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> Non
         "legacy": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
+        **({"model_max_length": max_length} if max_length is not None else {}),
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     _add_fast_tokenizer(out_dir)
+    # transformers' save drops the BOS/EOS flags and adds loading-time keys: write the config we mean.
+    saved = json.loads((out_dir / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only", "model_max_length"):
+        saved.pop(key, None)
+    saved.update({k: config[k] for k in ("add_bos_token", "add_eos_token", "model_max_length") if k in config})
+    if remote_code:
+        saved["auto_map"] = {"AutoTokenizer": [None, "tokenization_lctrain.LctrainTokenizer"]}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _add_fast_tokenizer(out_dir: Path) -> None:

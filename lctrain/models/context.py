@@ -37,14 +37,30 @@ class BatchContext:
                   and per-document recurrent state); None when every row is one sequence.
     sp:           sequence-parallel placement of this rank's tokens (an `lctrain.parallel` object) or None.
     cache:        per-layer decoding state for incremental generation (a dict keyed by layer index) or None.
+    docs:         the same boundaries as host values (`lctrain.models.documents.Documents`): document count,
+                  lengths, CPU offsets for the kernels, whether every row is one document. Shapes and paths are
+                  decided from these, never by reading device tensors back. None when `cu_seqlens` is None.
+    document_ids: long `[B, T_local]` document index per row on the device, built once per batch (None without
+                  docs).
     """
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     sp: Any = None
     cache: dict | None = None
     extras: dict = field(default_factory=dict)
+    docs: Any = None
+    document_ids: torch.Tensor | None = None
 
     @classmethod
-    def from_positions(cls, position_ids: torch.Tensor, packed: bool = True, **kw) -> "BatchContext":
-        cu = cu_seqlens_from_positions(position_ids) if packed else None
-        return cls(position_ids=position_ids, cu_seqlens=cu, **kw)
+    def from_positions(cls, position_ids: torch.Tensor, packed: bool = True, host_positions: torch.Tensor | None = None,
+                       **kw) -> "BatchContext":
+        """Context for `position_ids` (on the model's device). The boundaries are computed on the host from
+        `host_positions` (the loader's CPU copy of the same values) when given — no device-to-host read — and
+        otherwise from one copy of `position_ids` (evaluation and tests)."""
+        if not packed:
+            return cls(position_ids=position_ids, **kw)
+        from lctrain.models.documents import Documents
+        docs = Documents.from_positions(host_positions if host_positions is not None else position_ids)
+        device = position_ids.device
+        return cls(position_ids=position_ids, cu_seqlens=docs.cu_seqlens(device), docs=docs,
+                   document_ids=docs.document_ids(device), **kw)

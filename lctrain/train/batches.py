@@ -34,10 +34,11 @@ class BatchPreparer:
         device = self.env.device
         if self.landmarks is not None:  # landmarks add no targets, so local_targets needs no change
             batch = insert_landmarks(batch, *self.landmarks)
+        host_positions = batch["position_ids"]  # the loader's CPU tensor: boundaries are computed from it
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                  if torch.is_tensor(v) and k != "cu_seqlens"}
         if self.sp_groups is None:
-            return batch, BatchContext.from_positions(batch["position_ids"])
+            return batch, BatchContext.from_positions(batch["position_ids"], host_positions=host_positions)
         local, placement = self._shard(batch)
         return local, BatchContext.from_positions(local["position_ids"], sp=placement)
 

@@ -1,17 +1,39 @@
-"""A rough activation-memory estimate printed by `--dry-run` (per process, per micro-batch).
+"""The activation-memory estimate printed by `--dry-run` (per process, per micro-batch).
 
-Per layer and token, a pre-norm block keeps about: 2 norm inputs/outputs (4·d), the mixer's q/k/v/o projections
-(≈ 4·d plus the mixer's own expansion), and the SwiGLU's gate/up/act/product (4·ffn) — in the activation dtype. Full
-attention on the math path adds the [H, T, T] probabilities for masked (packed) batches; flash kernels do not.
-With activation checkpointing only each layer's input (d per token) is kept, plus one layer's full set during
-backward. The loss keeps one chunk of fp32 logits.
+For the mixer types `lctrain plan` models (attn, gdn, linear, conv) this is the planner's activation model
+(`lctrain.plan.activations`: saved tensors per mixer type, sequence-parallel shards, checkpointing), so the dry
+run and the plan agree. Other mixer types get the older rough count: per layer and token about 8 d + 4 ffn
+elements, the [H, T, T] probabilities of the math attention path, one loss chunk of fp32 logits.
 """
 from __future__ import annotations
+
+import torch
 
 from lctrain.models.blocks import default_ffn_dim
 
 
 def activation_memory_estimate(cfg, model) -> int:
+    from lctrain.plan.shape import SUPPORTED
+    if set(model.layer_types) <= set(SUPPORTED):
+        return _planned(cfg, model)
+    return _rough(cfg, model)
+
+
+def _planned(cfg, model) -> int:
+    from lctrain.plan.activations import activation_bytes
+    from lctrain.plan.shape import shape_of
+    on_gpu = torch.cuda.is_available()
+    elem = 4 if cfg.train.dtype == "float32" or (cfg.train.dtype == "auto" and not on_gpu) else 2
+    shape = shape_of(model)
+    parts = activation_bytes(shape, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.parallel.sp,
+                             cfg.parallel.layout, cfg.parallel.attn, elem, cfg.model.activation_checkpointing,
+                             "triton" if on_gpu else "torch")
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sp
+    logits = min(tokens, cfg.model.loss_chunk_tokens) * shape.vocab_size * 4 * 2
+    return sum(parts.values()) + logits
+
+
+def _rough(cfg, model) -> int:
     m = cfg.model
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sp
     elem = 2 if cfg.train.dtype == "bfloat16" else 4

@@ -1,12 +1,13 @@
 """Softmax-attention mixers of an lctrain export: `attn` (full causal), `swa` (sliding window + sinks) and
 `landmark` (attention through landmark tokens). x [B, T, D] -> [B, T, D]; q, k, v [B, T, H, head_dim] with
-rotary embedding (rotate-half layout) and grouped-query key/value heads."""
+rotary embedding (rotate-half layout) and grouped-query key/value heads. Padding keys are masked; windows, sinks
+and landmark blocks count real-token positions (`StepContext`), so a padded row computes what it would alone."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .lctrain_blocks import rotate
-from .lctrain_ops import landmark_attention, local_attention, windowed_attention
+from .lctrain_ops import landmark_attention, local_attention, masked_attention, positional_landmark_attention
 
 
 class _RotaryProjections(nn.Module):
@@ -44,24 +45,16 @@ class Attention(_RotaryProjections):
         super().__init__(config, layer_idx, opts["n_heads"], opts["n_kv_heads"], opts["head_dim"],
                          opts["rope_theta"], opts.get("rope_scaling", 1.0))
 
-    def forward(self, x, position_ids, cache):
-        seqlen = x.shape[1]
-        q, k, v = self.project(x, position_ids)
-        past = 0
+    def forward(self, x, ctx, cache):
+        q, k, v = self.project(x, ctx.positions)
         if cache is not None:
             entry = cache.layer(self.layer_idx)
             if "k" in entry:
-                past = entry["k"].shape[1]
                 k, v = torch.cat([entry["k"], k], dim=1), torch.cat([entry["v"], v], dim=1)
-            entry["k"], entry["v"] = k, v
-        if self.n_kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-        q_index = torch.arange(past, past + seqlen, device=x.device)
-        mask = torch.arange(k.shape[1], device=x.device)[None, :] <= q_index[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, scale=self.scale)
-        return self.output(o.transpose(1, 2))
+            entry["k"], entry["v"] = k.detach(), v.detach()
+        if ctx.past == 0 and not ctx.padded:
+            return self.output(masked_attention(q, k, v, None, self.scale))
+        return self.output(masked_attention(q, k, v, ctx.causal_visible(), self.scale))
 
 
 class SlidingWindowAttention(_RotaryProjections):
@@ -73,25 +66,41 @@ class SlidingWindowAttention(_RotaryProjections):
                          config.head_dim, opts["rope_theta"])
         self.window, self.sink = opts["window"], opts.get("sink", 0)
 
-    def forward(self, x, position_ids, cache):
-        q, k, v = self.project(x, position_ids)
-        if cache is None:
+    def forward(self, x, ctx, cache):
+        q, k, v = self.project(x, ctx.positions)
+        if cache is None and not ctx.padded:
             return self.output(local_attention(q, k, v, self.window, self.sink, self.scale))
-        entry = cache.layer(self.layer_idx)
-        seen = entry.get("seen", 0)
-        positions = torch.arange(seen, seen + x.shape[1], device=x.device)
-        if "k" in entry:
+        seqlen = x.shape[1]
+        key_pos, key_ok = ctx.positions, ctx.causal_visible()[:, :, -seqlen:]  # [B, T], [B|1, T, T]
+        key_valid = ctx.valid if ctx.valid is not None else torch.ones_like(ctx.positions, dtype=torch.bool)
+        entry = cache.layer(self.layer_idx) if cache is not None else None
+        if entry is not None and "k" in entry:  # kept keys all precede this call: causally visible if valid
             k, v = torch.cat([entry["k"], k], dim=1), torch.cat([entry["v"], v], dim=1)
-            key_pos = torch.cat([entry["pos"], positions])
-        else:
-            key_pos = positions
-        o = windowed_attention(q, k, v, positions, key_pos, self.window, self.sink, self.scale)
-        # Keep what a later query (position >= seen + T) can still reach: sinks and the last window - 1 keys.
-        following = seen + x.shape[1]
-        keep = (key_pos < self.sink) | (following - key_pos < self.window)
-        entry["k"], entry["v"], entry["pos"] = k[:, keep].detach(), v[:, keep].detach(), key_pos[keep]
-        entry["seen"] = following
+            key_pos = torch.cat([entry["pos"], key_pos], dim=1)
+            earlier = entry["valid"][:, None, :].expand(-1, seqlen, -1)
+            key_ok = torch.cat([earlier, key_ok.expand(x.shape[0], -1, -1)], dim=2)
+            key_valid = torch.cat([entry["valid"], key_valid], dim=1)
+        gap = ctx.positions[:, :, None] - key_pos[:, None, :]
+        in_window = (gap >= 0) & ((gap < self.window) | (key_pos[:, None, :] < self.sink))
+        diagonal = torch.zeros_like(in_window)
+        diagonal[:, :, -seqlen:] = torch.eye(seqlen, dtype=torch.bool, device=x.device)
+        o = masked_attention(q, k, v, (key_ok & in_window) | diagonal, self.scale)
+        if entry is not None:
+            # Keep, per row, what a later query can still reach: its sinks and its last window - 1 real keys. The
+            # kept slots are the union over rows; a slot one row no longer needs is marked invalid for that row.
+            following = self._next_position(ctx)
+            needed = key_valid & ((key_pos < self.sink) | (following[:, None] - key_pos < self.window))
+            keep = needed.any(dim=0)
+            entry["k"], entry["v"] = k[:, keep].detach(), v[:, keep].detach()
+            entry["pos"], entry["valid"] = key_pos[:, keep], needed[:, keep]
         return self.output(o)
+
+    @staticmethod
+    def _next_position(ctx):
+        """Position of the next real token of each row, from the whole history. [B] long."""
+        if not ctx.padded:
+            return ctx.key_positions[:, -1] + 1
+        return ctx.key_positions.masked_fill(~ctx.key_valid, -1).max(dim=1).values + 1
 
 
 class LandmarkAttention(_RotaryProjections):
@@ -104,15 +113,17 @@ class LandmarkAttention(_RotaryProjections):
                          config.head_dim, opts["rope_theta"])
         self.block_size = opts["block_size"]
 
-    def forward(self, x, position_ids, cache):
-        q, k, v = self.project(x, position_ids)
-        start = 0
+    def forward(self, x, ctx, cache):
+        q, k, v = self.project(x, ctx.positions)
         if cache is not None:  # keys and values are cached with their n_kv_heads heads
             entry = cache.layer(self.layer_idx)
             if "k" in entry:
-                start = entry["k"].shape[1]
                 k, v = torch.cat([entry["k"], k], dim=1), torch.cat([entry["v"], v], dim=1)
             entry["k"], entry["v"] = k.detach(), v.detach()
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        return self.output(landmark_attention(q, k, v, start, self.block_size, self.scale))
+        if not ctx.padded:  # one unpadded sequence per row, starting at position 0
+            return self.output(landmark_attention(q, k, v, ctx.past, self.block_size, self.scale))
+        o = positional_landmark_attention(q, k, v, ctx.positions, ctx.key_positions, ctx.causal_visible(),
+                                          self.block_size, self.scale)
+        return self.output(o)

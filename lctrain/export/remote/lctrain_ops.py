@@ -76,20 +76,24 @@ def torch_gated_delta_rule(q, k, v, g, beta, scale, state):
 
 
 def torch_linear_attention(q, k, v, log_decay, scale, state):
-    """Token-by-token recurrence in fp32 with a per-head decay log_decay [H]."""
+    """Token-by-token recurrence in fp32 with a per-head decay log_decay [H] or a per-token one [B, T, H]."""
     q, k, v = q.float(), k.float(), v.float()
     if state is None:
         state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    decay = log_decay.float().exp()[None, :, None, None]
+    if log_decay.dim() == 1:
+        log_decay = log_decay[None, None, :].expand(q.shape[0], q.shape[1], -1)
+    decay = log_decay.float().exp()[..., None, None]  # [B, T, H, 1, 1]
     outputs = []
     for t in range(q.shape[1]):
-        state = decay * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        state = decay[:, t] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
         outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
     return torch.stack(outputs, dim=1), state
 
 
 def gated_delta_rule(q, k, v, g, beta, state):
     scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1:  # a decoding step: one recurrence step beats any chunked kernel's set-up
+        return torch_gated_delta_rule(q, k, v, g, beta, scale, state)
     if "gdn" in _OWN:
         return _OWN["gdn"](q, k, v, g=g, beta=beta, scale=scale, initial_state=state, output_final_state=True)
     if "gdn" in _FLA and q.is_cuda:
@@ -98,12 +102,16 @@ def gated_delta_rule(q, k, v, g, beta, state):
 
 
 def linear_attention(q, k, v, log_decay, state):
+    """log_decay [H] (per head) or [B, T, H] (per token)."""
     scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1:  # a decoding step
+        return torch_linear_attention(q, k, v, log_decay, scale, state)
     if "linear" in _OWN:
         return _OWN["linear"](q, k, v, log_decay=log_decay, scale=scale, initial_state=state,
                               output_final_state=True)
     if "linear" in _FLA and q.is_cuda:
-        g = log_decay.float()[None, None, :].expand(q.shape[0], q.shape[1], -1).contiguous()
+        g = log_decay.float()
+        g = (g if g.dim() == 3 else g[None, None, :].expand(q.shape[0], q.shape[1], -1)).contiguous()
         return _FLA["linear"](q, k, v, g=g, scale=scale, initial_state=state, output_final_state=True)
     return torch_linear_attention(q, k, v, log_decay, scale, state)
 
@@ -120,6 +128,18 @@ def windowed_attention(q, k, v, query_pos, key_pos, window, sink, scale):
     mask = (gap >= 0) & ((gap < window) | (key_pos[None, :] < sink))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def masked_attention(q, k, v, visible, scale):
+    """Softmax attention of q [B, n, H, D] over k, v [B, m, Hkv, D] (Hkv divides H) where `visible` [B or 1, n, m]
+    (bool) says which keys each query sees; `visible=None` is plain causal attention with n == m."""
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    mask = visible[:, None] if visible is not None else None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=visible is None, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -142,14 +162,17 @@ def taylor_features(x, scale=None):
     return torch.cat([x.new_ones(*x.shape[:-1], 1), x, half * outer], dim=-1)
 
 
-def torch_taylor_linear_attention(q, k, v, state, eps=1e-6, chunk=64):
+def torch_taylor_linear_attention(q, k, v, state, eps=1e-6, chunk=64, keep=None):
     """BASED linear attention, chunk by chunk: polynomial scores inside a chunk, the running moment state
     S = sum_s phi_k(k_s) [v_s, 1]^T across chunks. q, k [B, T, H, D], v [B, T, H, V], state [B, H, F, V + 1]
-    or None (F = 1 + D + D^2). Returns o [B, T, H, V] = numerator / (normaliser + eps) and the final state."""
+    or None (F = 1 + D + D^2); keep [B, T] bool or None: tokens with keep False (padding) add nothing.
+    Returns o [B, T, H, V] = numerator / (normaliser + eps) and the final state."""
     compute = _compute_dtype(q)
     scale = q.shape[-1] ** -0.5
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the ones column accumulates the normaliser
+    if keep is not None:
+        values = values * keep[:, :, None, None].to(compute)
     if state is None:
         rows = 1 + q.shape[-1] + q.shape[-1] ** 2
         state = q.new_zeros(q.shape[0], q.shape[2], rows, values.shape[-1])
@@ -170,7 +193,10 @@ def torch_taylor_linear_attention(q, k, v, state, eps=1e-6, chunk=64):
     return y[..., :value_dim] / (y[..., value_dim:] + eps), state
 
 
-def taylor_linear_attention(q, k, v, state):
+def taylor_linear_attention(q, k, v, state, keep=None):
+    if keep is not None or q.shape[1] == 1:  # padding (only this form leaves tokens out), or a decoding step
+        o, state = torch_taylor_linear_attention(q, k, v, state, keep=keep)
+        return o.to(q.dtype), state
     if "based" in _OWN:
         return _OWN["based"](q, k, v, initial_state=state, output_final_state=True)
     o, state = torch_taylor_linear_attention(q, k, v, state)
@@ -206,6 +232,37 @@ def torch_landmark_attention(q, k, v, start, block_size, scale):
         member_values = values[:, :span].unflatten(1, (blocks, block_size))[:, :, :-1]  # [B, c, L-1, H, V]
         weights = members.softmax(dim=-1) * gates.unsqueeze(-1)
         out = out + torch.einsum("bhncl,bclhv->bnhv", weights, member_values)
+    return out.to(q.dtype)
+
+
+def positional_landmark_attention(q, k, v, query_pos, key_pos, visible, block_size, scale):
+    """The same grouped softmax for rows whose tokens carry their own positions (padded batches). q [B, n, H, D];
+    k, v [B, m, H, .] (heads already repeated); query_pos [B, n], key_pos [B, m] (block = position // block_size,
+    landmark = the last position of a block); visible [B, n, m] bool (causal and not padding). Per-block softmaxes
+    are segment reductions over the key axis, so no row needs the same layout. Returns [B, n, H, V]."""
+    compute = _compute_dtype(q)
+    lowest = torch.finfo(compute).min
+    query_block, key_block = query_pos // block_size, key_pos // block_size
+    is_landmark = (key_pos % block_size == block_size - 1)[:, None, :]
+    same_block = key_block[:, None, :] == query_block[:, :, None]
+    earlier_block = key_block[:, None, :] < query_block[:, :, None]
+    own = (visible & same_block & (key_pos[:, None, :] <= query_pos[:, :, None]) & ~is_landmark)[:, None]
+    earlier_landmark = (visible & earlier_block & is_landmark)[:, None]
+    members = (visible & earlier_block & ~is_landmark)[:, None]  # [B, 1, n, m]
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.to(compute) * scale, k.to(compute))
+    allowed = own | earlier_landmark
+    group = torch.softmax(scores.masked_fill(~allowed, lowest), dim=-1) * allowed
+    # Each earlier block's members share their landmark's weight through a softmax of their own.
+    blocks = int(key_block.max()) + 1
+    index = key_block.clamp(min=0)[:, None, None, :].expand_as(scores)
+    member_scores = scores.masked_fill(~members, lowest)
+    block_max = scores.new_full((*scores.shape[:-1], blocks), lowest).scatter_reduce(
+        -1, index, member_scores, reduce="amax")
+    weights = (member_scores - block_max.gather(-1, index)).exp() * members
+    totals = scores.new_zeros(*scores.shape[:-1], blocks).scatter_add(-1, index, weights)
+    gates = scores.new_zeros(*scores.shape[:-1], blocks).scatter_add(-1, index, group * earlier_landmark)
+    weights = weights / totals.gather(-1, index).clamp_min(torch.finfo(compute).tiny) * gates.gather(-1, index)
+    out = torch.einsum("bhnm,bmhv->bnhv", group * own + weights, v.to(compute))
     return out.to(q.dtype)
 
 

@@ -8,6 +8,8 @@ holds its recurrent state (`state`) and the last inputs of its short convolution
 - `based`: BASED linear attention, o_t = sum_s score_ts v_s / (sum_s score_ts + 1e-6) with the Taylor score
   1 + x + x^2 / 2, x = q_t . k_s / sqrt(feature_dim).
 - `conv`: BASED's gated convolution, out(causal_depthwise_conv(in(x)) * gate(x)), no activation.
+Padding (ctx.valid False) is an identity step: decay 1 and no write for the recurrences, no contribution to the
+Taylor sums, and short convolutions read the k - 1 real inputs before a token, never padding.
 """
 import torch
 import torch.nn as nn
@@ -50,17 +52,20 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
 
-    def forward(self, x, position_ids, cache):
+    def forward(self, x, ctx, cache):
         batch, seqlen, _ = x.shape
         entry = _entry(cache, self.layer_idx)
-        q = self.q_conv(self.q_proj(x), entry, "q_conv")
-        k = self.k_conv(self.k_proj(x), entry, "k_conv")
-        v = self.v_conv(self.v_proj(x), entry, "v_conv")
+        q = self.q_conv(self.q_proj(x), entry, "q_conv", ctx.valid)
+        k = self.k_conv(self.k_proj(x), entry, "k_conv", ctx.valid)
+        v = self.v_conv(self.v_proj(x), entry, "v_conv", ctx.valid)
         q = F.normalize(q.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(x.dtype)
         k = F.normalize(k.view(batch, seqlen, self.n_heads, self.head_k_dim).float(), dim=-1).to(x.dtype)
         v = v.view(batch, seqlen, self.n_heads, self.head_v_dim)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
         beta = torch.sigmoid(self.b_proj(x).float())
+        if ctx.valid is not None:  # g = 0, beta = 0: S_t = S_{t-1}
+            real = ctx.valid[..., None].float()
+            g, beta = g * real, beta * real
         o = _run(gated_delta_rule, entry, q, k, v, g, beta)
         gate = self.g_proj(x).view(batch, seqlen, self.n_heads, self.head_v_dim)
         o = self.o_norm(o.to(x.dtype)) * F.silu(gate)
@@ -83,13 +88,18 @@ class LinearAttention(nn.Module):
         # The per-head decays are stored with the weights, so this file never has to re-derive lctrain's schedule.
         self.register_buffer("log_decay", torch.zeros(self.n_heads, dtype=torch.float32))
 
-    def forward(self, x, position_ids, cache):
+    def forward(self, x, ctx, cache):
         batch, seqlen, _ = x.shape
         shape = (batch, seqlen, self.n_heads, self.head_dim)
         q = F.silu(self.q_proj(x)).view(shape)
         k = F.silu(self.k_proj(x)).view(shape)
         v = self.v_proj(x).view(shape)
-        o = _run(linear_attention, _entry(cache, self.layer_idx), q, k, v, self.log_decay.float())
+        log_decay = self.log_decay.float()
+        if ctx.valid is not None:  # decay 1 and k = 0 at padding: S_t = S_{t-1}
+            real = ctx.valid[..., None]
+            log_decay = log_decay[None, None, :] * real.float()
+            k = k * real[..., None].to(k.dtype)
+        o = _run(linear_attention, _entry(cache, self.layer_idx), q, k, v, log_decay)
         o = self.o_norm(o.to(x.dtype)) * torch.sigmoid(self.u_proj(x).view(shape))
         return self.o_proj(o.reshape(batch, seqlen, -1))
 
@@ -107,12 +117,15 @@ class BasedLinearAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, position_ids, cache):
+    def forward(self, x, ctx, cache):
         batch, seqlen, _ = x.shape
         q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)
         k = self.k_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)
         v = self.v_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
-        o = _run(taylor_linear_attention, _entry(cache, self.layer_idx), q, k, v)
+        entry = _entry(cache, self.layer_idx)
+        o, state = taylor_linear_attention(q, k, v, entry.get("state") if entry is not None else None, ctx.valid)
+        if entry is not None:
+            entry["state"] = state.detach()
         return self.o_proj(o.reshape(batch, seqlen, -1))
 
 
@@ -127,6 +140,6 @@ class GatedConvolution(nn.Module):
         self.conv = ShortConvolution(inner, opts["kernel_size"], activation=False)
         self.out_proj = nn.Linear(inner, d, bias=False)
 
-    def forward(self, x, position_ids, cache):
-        u = self.conv(self.in_proj(x), _entry(cache, self.layer_idx), "conv")
+    def forward(self, x, ctx, cache):
+        u = self.conv(self.in_proj(x), _entry(cache, self.layer_idx), "conv", ctx.valid)
         return self.out_proj(u * self.gate_proj(x))

@@ -10,7 +10,7 @@ Memory keys/queries are SiLU + L2-normalised; alpha (forget), eta (momentum), th
 sigmoids. `memory_depth` 1 is a linear memory [K, V] per head, 2 an MLP silu(x W1) W2 from learned W1, W2.
 
 Decoding keeps the layer's inputs so far and recomputes the layer on all of them (exact, O(T) per token), as
-lctrain's own decoding does.
+lctrain's own decoding does. In a padded batch each row is computed on its real tokens alone (padding outputs 0).
 """
 import torch
 import torch.nn as nn
@@ -49,13 +49,19 @@ class Titans(nn.Module):
             self.attn_out = nn.Linear(inner, d, bias=False)
         self.o_proj = nn.Linear(inner, d, bias=False)
 
-    def forward(self, x, position_ids, cache):
-        if cache is None:
-            return self._documents(x)
-        entry = cache.layer(self.layer_idx)
-        history = x if "inputs" not in entry else torch.cat([entry["inputs"], x], dim=1)
-        entry["inputs"] = history.detach()
-        return self._documents(history)[:, -x.shape[1]:]
+    def forward(self, x, ctx, cache):
+        history = x
+        if cache is not None:
+            entry = cache.layer(self.layer_idx)
+            history = x if "inputs" not in entry else torch.cat([entry["inputs"], x], dim=1)
+            entry["inputs"] = history.detach()
+        if not ctx.padded:
+            return self._documents(history)[:, -x.shape[1]:]
+        out = torch.zeros_like(history)
+        for row in range(history.shape[0]):  # rows have different real lengths: one document each
+            real = ctx.key_valid[row]
+            out[row, real] = self._documents(history[row, real][None])[0]
+        return out[:, -x.shape[1]:]
 
     # ------------------------------------------------------------------------------------------------ memory
     def _heads(self, x):

@@ -1,0 +1,109 @@
+"""Activation memory per mixer type: the tensors autograd keeps from forward to backward, per token.
+
+Counts are in elements of the activation dtype per token of one layer, read off each module's forward and checked
+by measurement (`tests/plan/test_activations.py` counts the saved tensors with `saved_tensors_hooks` on CPU):
+
+  every block   4 d (block input, mixer-norm output, residual, mlp-norm output) + 4 ffn (SwiGLU gate, up, act,
+                product) + 2 fp32 norm statistics
+  attn          q, k, v projections, rotated q and k, output and the output projection's input:
+                4 H hd + 3 Hkv hd, + H fp32 log-sum-exp; on the CPU (torch) path SDPA also keeps the packed-document
+                mask as an fp32 [T, T] bias per row: + T fp32
+  gdn           module (projections, three short convolutions with their shifted masked copies, L2 norms, gates,
+                output norm): 15 H K + 12.7 H V + 2 d + 178 H (measured coefficients of this code)
+                op, triton: q, k, v, beta, cumulative gate, two [c, c] chunk matrices, w, delta, chunk states
+                op, torch (CPU chunk path): 3.5 c + 7.875 K + 2.25 V + 1.125 K V / c per head (fitted, fp32)
+  linear        module: 10.5 H hd; op triton: q, k, v + fp32 gates; op torch: 137.75 + 7.6 hd per head (fitted)
+  conv          (k + 5.3) x inner channels (the causal conv keeps one masked shifted copy per tap)
+
+Under sequence parallelism a layer holds T/W tokens, plus: allgather keeps every rank's K and V (W |kv|); LASP-2
+keeps the gathered chunk summaries and the entering states (a few state-sized tensors per chunk). With activation
+checkpointing only each block's input (d per token) is kept, and one block's full set exists while it is
+recomputed in backward.
+"""
+from __future__ import annotations
+
+from lctrain.plan.comm import local_tokens
+
+CHUNK = 64  # tokens per chunk of the linear-family kernels (triton launch tables and the torch chunk path)
+
+
+def _op_elements(layer, backend: str, elem: int) -> float:
+    """Elements (of `elem` bytes) the recurrent op keeps per token."""
+    h, k, v, c = layer.heads, layer.key_dim, layer.value_dim, CHUNK
+    f32 = 4 / elem
+    if layer.type == "gdn":
+        if backend == "torch":
+            return h * (3.5 * c + 7.875 * k + 2.25 * v + 1.125 * k * v / c) * f32
+        return h * (2 * k + v + f32 * (2 + 2 * c + k + v + k * v / c))
+    if backend == "torch":
+        return h * (137.75 + 7.6 * k) * f32
+    return h * (2 * k + v + f32)
+
+
+def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: int = 1, attn: str = "allgather",
+                   seq_len: int = 0) -> float:
+    """Saved elements per local token for one block (no checkpointing)."""
+    f32 = 4 / elem
+    block = 4 * d_model + 4 * ffn + 2 * f32
+    if layer.type == "attn":
+        hd = layer.head_dim
+        mixer = 4 * layer.heads * hd + 3 * layer.kv_heads * hd + layer.heads * f32
+        if backend == "torch" and sp == 1:  # CPU SDPA turns the packed-document mask into an fp32 [T, T] bias
+            mixer += seq_len * f32
+        if sp > 1 and attn == "allgather":
+            mixer += (sp - 1) * 2 * layer.kv_heads * hd
+        if sp > 1:  # the SP paths keep the output in the compute dtype (fp32 under bf16 autocast)
+            mixer += layer.heads * hd * (max(f32, 1) - 1)
+    elif layer.type == "gdn":
+        mixer = 15 * layer.heads * layer.key_dim + 12.7 * layer.heads * layer.value_dim + 2 * d_model \
+            + 178 * layer.heads + _op_elements(layer, backend, elem)
+    elif layer.type == "linear":
+        mixer = 10.5 * layer.heads * layer.head_dim + _op_elements(layer, backend, elem)
+    else:
+        channels, kernel = layer.convs[0]
+        mixer = (kernel + 5.3) * channels
+    return block + mixer
+
+
+def lasp2_state_bytes(layer, rows: int, sp: int, layout: str) -> int:
+    """LASP-2's saved gathered summaries and entering states (fp32), per layer."""
+    if layer.type not in ("gdn", "linear") or sp == 1:
+        return 0
+    num_chunks = sp * (2 if layout == "zigzag" else 1)
+    state = layer.heads * layer.key_dim * layer.value_dim
+    decay = layer.heads * layer.key_dim * layer.key_dim if layer.type == "gdn" else layer.heads
+    return 4 * rows * num_chunks * (decay + 2 * state)
+
+
+def activation_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn: str, elem: int,
+                     checkpointing: bool, backend: str) -> dict[str, int]:
+    """Saved activations of one micro-batch on one GPU, by part: `layers` (all blocks, or their inputs with
+    checkpointing), `recompute` (one block's full set during its backward when checkpointing), `head` (final norm
+    and loss inputs), `inputs` (token ids, labels, positions)."""
+    tokens = rows * local_tokens(seq_len, sp, layout)[0]
+    per_layer = [(tokens * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len) * elem
+                  + lasp2_state_bytes(layer, rows, sp, layout), count) for layer, count in shape.grouped()]
+    if checkpointing:
+        layers = len(shape.layers) * tokens * shape.d_model * elem
+        recompute = max(size for size, _ in per_layer)
+    else:
+        layers, recompute = sum(size * count for size, count in per_layer), 0
+    return {"layers": int(layers), "recompute": int(recompute), "head": int(tokens * (3 * shape.d_model + 1) * elem),
+            "inputs": int(tokens * 3 * 8)}
+
+
+def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, elem: int) -> int:
+    """Gradient buffers alive beside the saved set while a block runs backward: the residual stream's gradient
+    and the gradients of the mixer op's inputs (q, k, v in fp32 for the recurrent kernels). Measured peaks on CPU
+    show the rest is freed about as fast as it is allocated."""
+    tokens = rows * local_tokens(seq_len, sp, layout)[0]
+    widest = 0
+    for layer, _ in shape.grouped():
+        if layer.type == "attn":
+            inputs = (layer.heads + 2 * layer.kv_heads) * layer.head_dim * elem
+        elif layer.type in ("gdn", "linear"):
+            inputs = (2 * layer.key_dim + layer.value_dim) * layer.heads * max(elem, 4)
+        else:
+            inputs = layer.convs[0][0] * elem
+        widest = max(widest, inputs)
+    return int(tokens * (2 * shape.d_model * elem + widest))

@@ -1,0 +1,115 @@
+"""Memory per GPU for one candidate: model state by engine, activations, communication buffers, margin.
+
+Peak model (bytes): states + max(forward end, optimizer step), where
+  states       = parameters + optimizer state (+ gradient buckets / gathered blocks the engine keeps)
+  forward end  = saved activations (with checkpointing: block inputs + one recomputed block) + the first
+                 block's backward gradient buffers + the loss chunk's logits and their gradient + SP buffers in flight
+                 (+ gradients already accumulated when there is gradient accumulation)
+  optimizer    = gradients + one fp32 temporary the size of the local parameters (foreach AdamW)
+On a GPU the allocator needs room beyond the tensors' peak: `ALLOCATOR_MARGIN` of it for fragmentation and
+caching, plus `CONTEXT_GIB` for the CUDA context, cuBLAS workspaces and NCCL buffers, which torch does not count.
+
+Engines (n parameters, N = dp x sp ranks sharing the states, mixed precision = fp32 master weights):
+  ddp    params 4n, grads 4n, AdamW moments 8n, DDP's gradient buckets 4n (N > 1), autocast's bf16 weight
+         copies 2n (kept for backward; one block's worth with checkpointing)
+  zero1  (DeepSpeed bf16) params 2n, grads 2n, fp32 master + moments 12n / N, gradient bucket
+  zero2  as zero1 with the gradients sharded: 2n / N
+  zero3  params 2n / N + the gathered working set (2 blocks), grads 2n / N, 12n / N
+  fsdp   (FSDP2, bf16 compute, fp32 reduce) params 4n / N, grads 4n / N, moments 8n / N, + 2 unsharded bf16 blocks
+         and one block's unsharded fp32 gradient
+"""
+from __future__ import annotations
+
+from lctrain.plan.activations import activation_bytes, backward_working_bytes
+from lctrain.plan.candidate import Candidate, Workload
+from lctrain.plan.comm import grad_accum, local_tokens
+
+GiB = 2 ** 30
+ALLOCATOR_MARGIN = 0.10
+CONTEXT_GIB = 1.0
+
+
+def model_state_bytes(shape, cand: Candidate, work: Workload, bucket_elements: int = 200_000_000) -> dict[str, int]:
+    n, world = shape.n_params, cand.world
+    block = max(shape.block_params, shape.vocab_size * shape.d_model)
+    half = work.dtype_bytes
+    if not work.mixed_precision:  # everything in one dtype (the fp32 CPU validation)
+        p = work.dtype_bytes
+        if cand.engine == "ddp":
+            return {"params": n * p, "grads": n * p, "optimizer": 2 * n * p,
+                    "buckets": n * p if world > 1 else 0, "weight_copies": 0}
+        return {"params": n * p // (world if cand.engine in ("zero3", "fsdp") else 1),
+                "grads": n * p // (world if cand.engine != "zero1" else 1), "optimizer": 2 * n * p // world,
+                "buckets": 2 * block * p if cand.engine in ("zero3", "fsdp") else 0, "weight_copies": 0}
+    bucket = min(bucket_elements, n) * 4
+    if cand.engine == "ddp":
+        copies = (2 * block if cand.activation_checkpointing else n) * half
+        return {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "buckets": 4 * n if world > 1 else 0,
+                "weight_copies": copies}
+    if cand.engine in ("zero1", "zero2"):
+        grads = half * n if cand.engine == "zero1" else half * n // world
+        return {"params": half * n, "grads": grads, "optimizer": 12 * n // world, "buckets": bucket,
+                "weight_copies": 0}
+    if cand.engine == "zero3":
+        return {"params": half * n // world, "grads": half * n // world, "optimizer": 12 * n // world,
+                "buckets": 2 * block * half + bucket, "weight_copies": 0}
+    return {"params": 4 * n // world, "grads": 4 * n // world, "optimizer": 8 * n // world,
+            "buckets": 2 * block * half + 4 * block, "weight_copies": 0}
+
+
+def sp_block_bytes(layer, rows: int, t_local: int, sp: int, attn: str) -> int:
+    """Working memory of one SP attention block pair in `attention_blocks` (fp32): scores / probabilities and,
+    in backward, their gradients — four `[B, H_blk, T_local, T_local]` tensors live at once (measured: 4.16-4.21
+    with the mask, `tests/plan/test_memory.py`) — plus the `[B, T_local, T_local]` bool mask. Ulysses' blocks hold
+    H / W heads."""
+    heads = layer.heads // sp if attn == "ulysses" else layer.heads
+    return 4 * rows * heads * t_local * t_local * 4 + rows * t_local * t_local
+
+
+def sp_buffer_bytes(shape, cand: Candidate, work: Workload) -> int:
+    """Largest transient buffer of one layer's backward beyond its saved activations: communication buffers,
+    and with today's block attention the materialised block tensors."""
+    if cand.sp == 1:
+        return 0
+    rows, w, e = cand.micro_batch_size, cand.sp, work.dtype_bytes
+    t_local = local_tokens(work.seq_len, w, cand.layout)[0]
+    wide = max(e, 4)
+    out = 0
+    for layer, _ in shape.grouped():
+        if layer.type != "attn":
+            continue
+        kv = rows * t_local * layer.kv_heads * 2 * layer.head_dim
+        q = rows * t_local * layer.heads * layer.head_dim
+        if cand.attn == "allgather":
+            size = w * kv * wide + w * kv * e            # dK/dV of every rank, then its reduce-scatter copy
+        elif cand.attn == "ring":
+            size = 2 * kv * e + 2 * kv * wide             # the block in flight and the travelling dK/dV
+        else:
+            size = 2 * (q + kv) * e + 2 * q * wide        # packed all-to-all send/receive and the head outputs
+        if work.sp_attention == "blocks":
+            size += sp_block_bytes(layer, rows, t_local, w, cand.attn)
+        out = max(out, size)
+    return out
+
+
+def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: int = 200_000_000) -> dict:
+    """Bytes per part and the peak, for one GPU. `total_gib` adds the allocator margin and the CUDA context."""
+    states = model_state_bytes(shape, cand, work, bucket_elements)
+    act = activation_bytes(shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, cand.attn,
+                           work.dtype_bytes, cand.activation_checkpointing, work.backend)
+    working = 0 if cand.activation_checkpointing else backward_working_bytes(
+        shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, work.dtype_bytes)
+    tokens = cand.micro_batch_size * local_tokens(work.seq_len, cand.sp, cand.layout)[0]
+    # one loss chunk's logits (fp32 copy under bf16) and their gradient, while the head is recomputed
+    per_logit = work.dtype_bytes + 8 if work.mixed_precision else 2 * work.dtype_bytes
+    logits = min(tokens, shape.loss_chunk_tokens) * shape.vocab_size * per_logit
+    sp_buffers = sp_buffer_bytes(shape, cand, work)
+    accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
+    forward_end = sum(act.values()) + working + max(logits, 0) + sp_buffers + accumulated
+    optimizer_step = states["grads"] + 4 * shape.n_params // (cand.world if cand.engine != "ddp" else 1)
+    fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
+    peak = fixed + max(forward_end, optimizer_step)
+    return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": v for k, v in act.items()},
+            "backward_working": int(working), "logits": int(logits), "sp_buffers": int(sp_buffers),
+            "peak_tensor_bytes": int(peak),
+            "total_gib": (peak * (1 + ALLOCATOR_MARGIN)) / GiB + CONTEXT_GIB}

@@ -1,0 +1,39 @@
+"""Measured peak tensor memory of training steps on CPU, with torch's own MemTracker (a dispatch-mode tracker of
+every live tensor's storage: the CPU counterpart of `torch.cuda.max_memory_allocated`)."""
+from __future__ import annotations
+
+import torch
+
+from lctrain.config import load_config
+from lctrain.models import LanguageModel
+from lctrain.train.optim import build_optimizer
+
+
+def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=gen)
+    positions = (torch.arange(seq_len) % doc_len).expand(rows, seq_len).contiguous()
+    return {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": positions}
+
+
+def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int) -> int:
+    """Peak bytes of live tensors over the second of two fp32 training steps (optimizer state exists then)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model).train()
+    optimizer = build_optimizer(model, cfg.train)
+    batch = packed_batch(rows, seq_len, cfg.model.vocab_size, doc_len)
+
+    def step():
+        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
+        (out.loss_sum / out.n_targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    peak = tracker.get_tracker_snapshot("peak")
+    return int(sum(v["Total"] for v in peak.values()))
