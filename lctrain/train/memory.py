@@ -7,6 +7,8 @@ elements, the [H, T, T] probabilities of the math attention path, one loss chunk
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lctrain.models.blocks import default_ffn_dim
@@ -79,14 +81,31 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
 
 
 def fsdp_memory_lines(cfg, model, worlds: list[int]) -> list[str]:
-    """Summary lines for `--dry-run`: the per-GPU estimate at each world size (the recipe's parallel.sp kept)."""
+    """Summary lines for `--dry-run`: the per-GPU estimate under fsdp at each world size (the recipe's
+    parallel.sp kept). For the layer types `lctrain plan` models this is the planner's figure for the recipe's
+    layout (so the dry run and the plan agree); otherwise `fsdp_memory_per_gpu`."""
+    from lctrain.plan.shape import SUPPORTED
+    planned = set(model.layer_types) <= set(SUPPORTED)
     lines = []
     for world in worlds:
         if world % cfg.parallel.sp:
             continue
+        where = f"fsdp memory per GPU at {world} GPUs (dp {world // cfg.parallel.sp} x sp {cfg.parallel.sp}"
+        if planned:
+            from lctrain.plan.memory import memory_breakdown
+            from lctrain.plan.search import current_candidate, workload_of
+            from lctrain.plan.shape import shape_of
+            candidate = dataclasses.replace(current_candidate(cfg, world), engine="fsdp")
+            parts = memory_breakdown(shape_of(model), candidate, workload_of(cfg, world, 8))
+            gib = {k: v / 2**30 for k, v in parts.items() if k != "total_gib"}
+            act = sum(v for k, v in gib.items() if k.startswith("activations_"))
+            lines.append(f"{where}, as `lctrain plan` models it): {parts['total_gib']:.1f} GiB with allocator "
+                         f"margin and CUDA context = weights {gib['params']:.2f} + gradients {gib['grads']:.2f} + "
+                         f"AdamW {gib['optimizer']:.2f} + gathered blocks {gib['buckets']:.2f} + activations "
+                         f"{act:.2f} (peak of tensors {gib['peak_tensor_bytes']:.2f})")
+            continue
         m = {k: v / 2**30 for k, v in fsdp_memory_per_gpu(cfg, model, world).items()}
-        lines.append(f"fsdp memory per GPU at {world} GPUs (dp {world // cfg.parallel.sp} x sp {cfg.parallel.sp}, "
-                     f"estimate): {m['total']:.1f} GiB = weights {m['weights']:.2f} + gradients {m['gradients']:.2f} "
-                     f"+ AdamW {m['adamw']:.2f} + gathered blocks {m['gathered']:.2f} + activations "
-                     f"{m['activations']:.2f}")
+        lines.append(f"{where}, estimate): {m['total']:.1f} GiB = weights {m['weights']:.2f} + gradients "
+                     f"{m['gradients']:.2f} + AdamW {m['adamw']:.2f} + gathered blocks {m['gathered']:.2f} + "
+                     f"activations {m['activations']:.2f}")
     return lines
