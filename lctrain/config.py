@@ -115,6 +115,7 @@ class ParallelConfig:
     layout: Literal["contiguous", "zigzag"] = "contiguous"
     attn: Literal["allgather", "ring", "ulysses"] = "allgather"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = 600.0  # every collective; a frozen or dead rank ends the job after this (plus a grace)
     # fsdp engine: free each block's gathered weights after its forward (gather again in backward); false keeps
     # them until backward (more memory, one all-gather less per block)
     reshard_after_forward: bool = True
@@ -128,7 +129,8 @@ class CheckpointConfig:
     interval: int = 0  # steps between saves; 0: only at the end
     keep_last: int = 2
     init_from: str = ""  # weights-only start: a checkpoint or run directory
-    resume: bool = True  # continue from <run.dir>/checkpoints/latest when present
+    resume: bool = True  # continue from the newest checkpoint that verifies (whatever `latest` says)
+    reset_data: bool = False  # on resume, start the data from its beginning (a deliberately changed data mix)
     # fsdp engine: write the shards in the background while training goes on (`checkpoint.async` is the same key)
     async_save: bool = False
 
@@ -219,6 +221,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_interval": (lambda v: v > 0, "a positive integer"),
     "train.max_bad_steps": (lambda v: v > 0, "a positive integer"),
     "parallel.sp": (lambda v: v > 0, "a positive integer"),
+    "parallel.timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "checkpoint.interval": (lambda v: v >= 0, "a non-negative integer (0: only at the end)"),
     "checkpoint.keep_last": (lambda v: v > 0, "a positive integer"),
     "deepspeed.zero_stage": (lambda v: 0 <= v <= 3, "0, 1, 2 or 3"),

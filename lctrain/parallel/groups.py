@@ -7,6 +7,7 @@ inside one node when SP <= GPUs per node.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +45,12 @@ def single_process_groups() -> SPGroups:
     return SPGroups(world_size=1, rank=0, sp_size=1, sp_rank=0, dp_size=1, dp_rank=0)
 
 
-def init_sp_groups(sp: int) -> SPGroups:
+def init_sp_groups(sp: int, timeout: datetime.timedelta | None = None) -> SPGroups:
     """Build the DP x SP grid with SP groups of `sp` contiguous ranks.
 
     Works without torch.distributed initialised (then `sp` must be 1). Every rank must call this (new_group is
-    collective), in the same order.
+    collective), in the same order. `timeout` bounds the groups' collectives (parallel.timeout_s); torch would
+    otherwise give new groups its 30-minute default, not the default group's timeout.
     """
     if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
         raise ValueError(f"init_sp_groups: sp must be a positive int, got {sp!r}")
@@ -66,12 +68,12 @@ def init_sp_groups(sp: int) -> SPGroups:
     # new_group is collective over the whole world: every rank creates every group, keeps its own.
     for d in range(dp):
         members = list(range(d * sp, (d + 1) * sp))
-        group = dist.new_group(members) if sp > 1 else None
+        group = dist.new_group(members, timeout=timeout) if sp > 1 else None
         if rank in members:
             sp_group = group
     for s in range(sp):
         members = list(range(s, world, sp))
-        group = dist.new_group(members) if dp > 1 else None
+        group = dist.new_group(members, timeout=timeout) if dp > 1 else None
         if rank in members:
             dp_group = group
     return SPGroups(world_size=world, rank=rank, sp_size=sp, sp_rank=rank % sp, dp_size=dp, dp_rank=rank // sp,

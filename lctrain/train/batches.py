@@ -12,8 +12,10 @@ class BatchPreparer:
         self.cfg, self.env, self.layout = cfg, env, layout
         self.sp_groups = None
         if layout.sp > 1:
+            import datetime
+
             from lctrain.parallel import init_sp_groups
-            self.sp_groups = init_sp_groups(layout.sp)
+            self.sp_groups = init_sp_groups(layout.sp, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
         # (token id, block size) when the model has landmark layers; landmarks are inserted before sharding
         self.landmarks = landmark_layout(cfg)
 

@@ -41,8 +41,9 @@ def discover_ranks(environ=os.environ) -> tuple[int, int, int]:
     return mpi_ranks(environ) or (0, 1, 0)
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
-    """Initialise torch.distributed when the world has more than one process; pick the device for this rank."""
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Initialise torch.distributed when the world has more than one process; pick the device for this rank.
+    `timeout_s` (parallel.timeout_s) bounds every collective of the default group and of the groups made later."""
     rank, world, local = discover_ranks()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
@@ -56,7 +57,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         agree_on_master()  # mpirun / srun leave MASTER_ADDR and MASTER_PORT to us
         os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(local)
         dist.init_process_group(chosen, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda and chosen == "nccl" else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=chosen)
 

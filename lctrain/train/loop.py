@@ -11,22 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lctrain.config import Config, ConfigError
 from lctrain.models import LanguageModel
 from lctrain.models.flops import flops_per_token, peak_flops
 from lctrain.train.batches import BatchPreparer
 from lctrain.train.checkpoint import CheckpointManager, load_weights
+from lctrain.train.checkpoint_select import latest_hint
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from lctrain.train.memory import activation_memory_estimate, fsdp_memory_lines
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
 from lctrain.train.engine import build_engine
-from lctrain.train.signals import StopRequest
-
-
-class TrainingAborted(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the message is one line for the user."""
+from lctrain.train.resume import (apply_recipe, check_compatible, choose_checkpoint, fresh_start_note,
+                                  recipe_changes, set_aside_old_metrics, take_run_lock)
+from lctrain.train.errors import TrainingAborted
+from lctrain.train.signals import StopRequest, agree_on_stop
+from lctrain.train.watchdog import RankWatch, is_collective_error
 
 
 @dataclass
@@ -162,25 +162,48 @@ class Trainer:
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def run(self) -> int:
+        # One run per run dir: the lock comes before anything in the run dir is written, and goes last.
+        lock, writer = take_run_lock(self.run_dir, self.env, log=lambda line: print(line, flush=True))
+        try:
+            return self._run(writer)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, writer: str) -> int:
         cfg, env, lay = self.cfg, self.env, self.layout
+        ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, writer=writer)
+        fpt = flops_per_token(self.model, cfg.data.seq_len)  # before an engine may partition the weights
+        engine = build_engine(self.model, cfg, env, lay)  # DDP or DeepSpeed: optimizer, schedule, reduction
+        step, tokens_seen, skipped = 0, 0, 0
+        # Choose, check and load the checkpoint before writing anything: a refused resume leaves the run dir as is.
+        chosen = choose_checkpoint(ckpt, env, cfg.checkpoint.resume)
+        latest, notes = chosen.path, chosen.notes()
+        if latest is not None:
+            check_compatible(cfg, latest, self.data.tokenizer, self.run_dir)
+            state, data_state = engine.load(ckpt, latest)
+            engine.scheduler.load_state_dict(state["scheduler"])
+            apply_recipe(engine.optimizer, engine.scheduler, cfg.train)  # the recipe wins for hyperparameters
+            notes += recipe_changes(cfg.train, latest)
+            if cfg.checkpoint.reset_data:
+                notes.append("checkpoint.reset_data=true: the data starts again from its beginning")
+            else:
+                self.data.train.load_state_dict(data_state)
+            step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
+        else:
+            notes += [n for n in [fresh_start_note(ckpt, cfg.checkpoint.resume)] if n]
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
             self.data.tokenizer.save(self.run_dir / "tokenizer")  # the run dir alone is enough to export/load
             print(self.summary(), flush=True)
-        ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size)
-        ckpt.clean_partial()
-        fpt = flops_per_token(self.model, cfg.data.seq_len)  # before an engine may partition the weights
-        engine = build_engine(self.model, cfg, env, lay)  # DDP or DeepSpeed: optimizer, schedule, reduction
-        step, tokens_seen, skipped = 0, 0, 0
-        latest = ckpt.latest() if cfg.checkpoint.resume else None
-        if latest is not None:
-            state, data_state = engine.load(ckpt, latest)
-            engine.scheduler.load_state_dict(state["scheduler"])
-            self.data.train.load_state_dict(data_state)
-            step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped_steps"]
-            if self.main:
+            if latest is None:
+                notes += [n for n in [set_aside_old_metrics(self.run_dir)] if n]
+            for line in notes:
+                print(line, flush=True)
+            if latest is not None:
                 print(f"resumed from {latest} at step {step}", flush=True)
+        ckpt.clean_partial()
         model = engine.model
         model.train()
 
@@ -188,6 +211,7 @@ class Trainer:
                                 resume_step=step if latest is not None else None)
         progress = Progress(cfg.logging.progress, cfg.train.steps, step, self.main)
         stop = StopRequest().install()
+        watch = RankWatch(env.rank, env.world_size, cfg.parallel.timeout_s).start() if env.distributed else None
         throughput = Throughput()
         peak = peak_flops(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
         first_record = True
@@ -195,18 +219,48 @@ class Trainer:
         saved_at = step if latest is not None else -1
         step_t0 = time.perf_counter()
 
-        finish_saves = getattr(engine, "finish_saves", lambda: None)  # background (async) saves complete here
+        def finish_saves() -> None:
+            """A background (async) save completes its checkpoint here: collective, and it may wait on the write."""
+            finish = getattr(engine, "finish_saves", None)
+            if finish is None:
+                return
+            if watch is not None:
+                watch.paused = True
+            try:
+                finish()
+            finally:
+                if watch is not None:
+                    watch.paused = False
 
         def save(at_step: int) -> None:
             trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
                              "scheduler": engine.scheduler.state_dict(), "dp": lay.dp, "sp": lay.sp}
-            path = engine.save(ckpt, at_step, trainer_state, self.data.train.state_dict(), cfg.to_yaml(),
-                               lambda: barrier(env))
+            if watch is not None:
+                watch.paused = True  # a large save may outlast the hang deadline; its collectives stay bounded
+            try:
+                path = engine.save(ckpt, at_step, trainer_state, self.data.train.state_dict(), cfg.to_yaml(),
+                                   lambda: barrier(env))
+            finally:
+                if watch is not None:
+                    watch.paused = False
+                    watch.progress(at_step, 2)
             if self.main:
                 progress.write(f"saved {path}")
 
+        def save_unless_streak(at_step: int, why: str) -> bool:
+            """No checkpoint in the middle of a non-finite streak: the last good one stays the newest."""
+            if bad_in_a_row:
+                if self.main:
+                    progress.write(f"step {at_step}: {why} checkpoint not saved during a non-finite streak "
+                                   f"({bad_in_a_row} in a row)")
+                return False
+            save(at_step)
+            return True
+
         try:
             while step < cfg.train.steps:
+                if watch is not None:
+                    watch.progress(step)
                 micro = [next(self.data.train) for _ in range(lay.grad_accum)]
                 # Normalise by the target tokens of the whole step across DP x SP, not per micro-batch.
                 local_targets = sum(int(self.batches.local_targets(b)) for b in micro)
@@ -264,17 +318,22 @@ class Trainer:
                         progress.write(f"step {step} eval_loss {result['eval_loss']:.4f} "
                                        f"eval_ppl {result['eval_ppl']:.2f}")
 
-                stop_now = self._agree_on_stop(stop.requested) or step == cfg.train.stop_at
+                if watch is not None:
+                    watch.progress(step, 1)
+                signalled = agree_on_stop(stop.signum, env)  # the same reason on every rank
+                stop_now = signalled is not None or step == cfg.train.stop_at
                 interval_hit = cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0
-                if interval_hit or stop_now or step == cfg.train.steps:
-                    if saved_at != step:
-                        save(step)
-                        saved_at = step
+                saved = saved_at == step
+                if (interval_hit or stop_now or step == cfg.train.steps) and not saved:
+                    saved = save_unless_streak(step, "interval" if not stop_now else "stop")
+                    saved_at = step if saved else saved_at
                 if stop_now:
                     finish_saves()
                     if self.main:
-                        why = f"signal {stop.signum}" if stop.requested else f"train.stop_at={cfg.train.stop_at}"
-                        progress.write(f"stopped ({why}): checkpoint saved at step {step}")
+                        why = signalled or f"train.stop_at={cfg.train.stop_at}"
+                        kept = (f"checkpoint saved at step {step}" if saved else
+                                f"no checkpoint saved; the newest is {latest_hint(ckpt.root) or 'none'}")
+                        progress.write(f"stopped ({why}): {kept}")
                     return 0
 
             result = self.evaluate(engine)
@@ -283,25 +342,23 @@ class Trainer:
                 if self.main:
                     progress.write(f"final eval_loss {result['eval_loss']:.4f} eval_ppl {result['eval_ppl']:.2f}")
             if saved_at != step:
-                save(step)
+                save_unless_streak(step, "final")
             finish_saves()
             return 0
+        except RuntimeError as exc:
+            if watch is None or isinstance(exc, TrainingAborted) or not is_collective_error(exc):
+                raise
+            raise watch.explain(exc, f"step {step + 1}") from None
         finally:
+            if watch is not None:
+                watch.stop()
             progress.close()
             metrics.close()
             stop.restore()
 
-    def _agree_on_stop(self, requested: bool) -> bool:
-        """A preemption signal may reach only some ranks: all must stop (and save) together."""
-        if not self.env.distributed:
-            return requested
-        flag = torch.tensor([1.0 if requested else 0.0], device=self.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def train(cfg: Config, dry_run: bool = False) -> int:
-    env = init_distributed(cfg.parallel.backend)
+    env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     finished = False
     try:
         sp = cfg.parallel.sp

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from lctrain.config import load_config
 from lctrain.train.checkpoint import CheckpointManager
 from lctrain.train.dist import DistEnv
+from lctrain.train.errors import CheckpointSaveError
 from lctrain.train.loop import Trainer, TrainingAborted
 from tests.train.conftest import ROOT, SMALL, child_env, run_lctrain, train_losses
 
@@ -80,13 +81,13 @@ def test_failed_save_keeps_previous_latest(tmp_path):
     def failing_state_dict():
         raise Boom("disk full")
     opt.state_dict = failing_state_dict
-    with pytest.raises(Boom):
+    with pytest.raises(CheckpointSaveError, match=r"saving step 2 to .*step-2 failed on rank 0: Boom: disk full; "
+                                                  r"latest still names step-1"):
         manager.save(2, model, opt, {"step": 2, "tokens": 0, "skipped_steps": 0, "scheduler": {}}, {"pos": 2},
                      "x: 1\n", barrier=lambda: None)
     assert manager.latest().name == "step-1"
     assert not (tmp_path / "checkpoints" / "step-2").exists()
-    manager.clean_partial()
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the partial files went with the failure
 
 
 def test_init_from_loads_weights_only(tmp_path, cache_dir):
