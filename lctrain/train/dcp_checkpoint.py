@@ -8,7 +8,7 @@ with no process group reads the full tensors (`lctrain.load_model`, `export`, `e
 
 Asynchronous saves (`checkpoint.async_save`): the state is copied to host memory, the step goes on while a
 background thread writes the shards into `.tmp-step-<N>-shards/`, and only once every rank has finished are they
-moved into the checkpoint, which `CheckpointManager.save` then completes (temp dir, rename, `latest`) exactly as a
+moved into the checkpoint, which `CheckpointManager.save` then completes (temp dir, manifest, rename, `latest`) as a
 synchronous save would. A kill at any moment therefore leaves `latest` on a complete checkpoint. A save waits for
 the previous one first, and the run waits for the last one before it ends.
 """
