@@ -3,9 +3,12 @@ size, kill -9 during a background save, and export / load_model / eval of sharde
 several multi-process runs, so all are slow."""
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,12 +58,42 @@ def test_fsdp_resume_is_bit_identical_with_async_saves(cache_dir, tmp_path):
     run_lctrain(cache_dir, split, *args, "train.stop_at=3", nproc=2, timeout=600)
     run_lctrain(cache_dir, split, *args, nproc=2, timeout=600)
     assert train_losses(straight) == train_losses(split)
-    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["latest", "step-4", "step-6"]
+    names = {p.name for p in (split / "checkpoints").iterdir()}
+    assert {"step-4", "step-6"} <= names and (split / "checkpoints" / "latest").read_text().strip() == "step-6"
+    assert _complete(split / "checkpoints" / "step-4") and _complete(split / "checkpoints" / "step-6")
 
 
 def _complete(ckpt) -> bool:
     meta = ckpt / "dcp" / ".metadata"
-    return meta.is_file() and (ckpt / "trainer.json").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    return meta.is_file() and (ckpt / "manifest.json").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+
+
+def _children(pid: int) -> list[int]:
+    """The launcher's workers (torchrun starts each in its own session, so killing its group misses them)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _kill9_all(proc) -> None:
+    """SIGKILL the launcher and every rank at once (no handler runs), and wait until they are gone."""
+    victims = [proc.pid, *_children(proc.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                         (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")
+                                         for pid in victims if Path(f"/proc/{pid}").exists()):
+        time.sleep(0.2)
 
 
 def test_kill9_during_async_save_leaves_latest_complete(cache_dir, tmp_path):
@@ -68,20 +101,20 @@ def test_kill9_during_async_save_leaves_latest_complete(cache_dir, tmp_path):
     # a model big enough that a background write takes a while
     big = ["model.d_model=256", "model.ffn_dim=1024", "model.n_layers=4", "model.pattern=GGGA"]
     for delay in (0.3, 1.0, 2.0):
+        done = max(train_losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
         cmd = lctrain_cmd(run, "train.steps=100000", "train.engine=fsdp", "checkpoint.async=true",
                           "checkpoint.interval=1", *big, nproc=2)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(cache_dir), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL)
         try:
             deadline = time.time() + 300
-            while not (run / "checkpoints" / "latest").is_file() and time.time() < deadline:
+            while time.time() < deadline and proc.poll() is None:  # kill while it trains and saves
+                if (run / "metrics.jsonl").is_file() and max(train_losses(run), default=0) >= done + 2:
+                    break
                 time.sleep(0.2)
             time.sleep(delay)
         finally:
-            import os
-            import signal
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no handler runs
-            proc.wait()
+            _kill9_all(proc)
         latest = (run / "checkpoints" / "latest").read_text().strip()
         assert _complete(run / "checkpoints" / latest), latest
         model, _ = lctrain.load_model(run)  # and the sharded checkpoint reads back whole
