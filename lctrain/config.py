@@ -118,7 +118,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_interval: int = 1
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
@@ -129,6 +129,12 @@ class ParallelConfig:
     attn: Literal["allgather", "ring", "ulysses"] = "allgather"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 600.0  # every collective; a frozen or dead rank ends the job after this (plus a grace)
+    # fsdp engine: free each block's gathered weights after its forward (gather again in backward); false keeps
+    # them until backward (more memory, one all-gather less per block)
+    reshard_after_forward: bool = True
+    # fsdp engine: reduce-scatter gradients once per step (`step`) or after every micro-batch (`micro_step`: less
+    # memory under gradient accumulation, more communication)
+    fsdp_grad_sync: Literal["step", "micro_step"] = "step"
 
 
 @dataclass
@@ -138,6 +144,8 @@ class CheckpointConfig:
     init_from: str = ""  # weights-only start: a checkpoint or run directory
     resume: bool = True  # continue from the newest checkpoint that verifies (whatever `latest` says)
     reset_data: bool = False  # on resume, start the data from its beginning (a deliberately changed data mix)
+    # fsdp engine: write the shards in the background while training goes on (`checkpoint.async` is the same key)
+    async_save: bool = False
 
 
 @dataclass
@@ -429,6 +437,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.steps=20")
         _set_dotted(tree, key, _parse_scalar(text))
+    if isinstance(tree.get("checkpoint"), dict) and "async" in tree["checkpoint"]:  # a Python keyword as a field
+        tree["checkpoint"] = {("async_save" if k == "async" else k): v for k, v in tree["checkpoint"].items()}
     cfg = _build(Config, tree, "")
     cfg.data.sources = [_coerce(s, SourceConfig, f"data.sources[{i}]") for i, s in enumerate(cfg.data.sources)]
     cfg.data.eval_sources = [_coerce(s, SourceConfig, f"data.eval_sources[{i}]")
@@ -486,6 +496,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.schedule == "wsd" and cfg.train.warmup_steps > cfg.train.steps:
         raise ConfigError(f"train.warmup_steps: {cfg.train.warmup_steps} exceeds train.steps={cfg.train.steps}")
     _validate_deepspeed(cfg.deepspeed)
+    if cfg.checkpoint.async_save and cfg.train.engine != "fsdp":
+        raise ConfigError(f"checkpoint.async_save: background saves need train.engine='fsdp' (sharded checkpoints), "
+                          f"got {cfg.train.engine!r}")
     _validate_lora(cfg)
     _validate_convert(cfg)
     if m.attn_plan and not Path(m.attn_plan).is_file():

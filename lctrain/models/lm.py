@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lctrain.models.blocks import RMSNorm, SwiGLU, default_ffn_dim
 from lctrain.models.context import BatchContext
+from lctrain.models.init import init_module_tree_
 from lctrain.models.loss import chunked_cross_entropy_sum
 from lctrain.models.mixers import build_mixer, expand_pattern
 
@@ -48,6 +49,9 @@ class LanguageModel(nn.Module):
         if model_cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
         self.cfg = model_cfg
+        # Drawn before any constructor touches the RNG: initial values depend on the seed, not on how (or on which
+        # device) the model was built, so a meta-built model materialised shard by shard gets the same weights.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.layer_types = expand_pattern(model_cfg.pattern, model_cfg.n_layers)
         self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.layers = nn.ModuleList(Block(model_cfg, i, t) for i, t in enumerate(self.layer_types))
@@ -66,21 +70,13 @@ class LanguageModel(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, std) weights; the last projection of each residual branch is scaled by 1/sqrt(2 * n_layers)
         so the residual stream's variance does not grow with depth. Mixers may define `init_extra_` for their own
-        special parameters (decay rates, gate biases)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "_is_residual_out", False) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for module in self.modules():
-            if module is not self and hasattr(module, "init_extra_"):
-                module.init_extra_()
+        special parameters (decay rates, gate biases). Each module draws from its own seeded generator
+        (`lctrain.models.init`), so `init_module_(name, module)` on one piece gives the same values."""
+        self.init_module_("", self)
+
+    def init_module_(self, path: str, module: nn.Module) -> None:
+        """Initialise the submodule at dotted `path` (its parameters real CPU tensors) as `reset_parameters` would."""
+        init_module_tree_(module, path, self.init_seed, self.cfg.init_std, self.cfg.n_layers)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, ctx: BatchContext | None = None,

@@ -51,8 +51,12 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.activation = activation
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
-        bound = 1.0 / math.sqrt(kernel_size)  # fan-in of a depthwise kernel
-        nn.init.uniform_(self.weight, -bound, bound)
+        self.init_extra_()
+
+    def init_extra_(self) -> None:
+        bound = 1.0 / math.sqrt(self.kernel_size)  # fan-in of a depthwise kernel
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None, prefix: torch.Tensor | None = None,
                 cache: dict | None = None, key: str = "conv", document_ids: torch.Tensor | None = None) -> torch.Tensor:

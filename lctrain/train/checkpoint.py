@@ -294,14 +294,16 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, model, optimizer, load_engine_state=None) -> tuple[dict, dict]:
+    def load(self, path: Path, model, optimizer, load_engine_state=None,
+             any_world_size: bool = False) -> tuple[dict, dict]:
         """Restore model, optimizer and this rank's RNG; return (trainer_state, data_state).
-        `load_engine_state(path)` replaces the model/optimizer part for engines that saved their own."""
+        `load_engine_state(path)` replaces the model/optimizer part for engines that saved their own.
+        `any_world_size`: the engine's state reshards (DCP), so another world size may continue the run."""
         problem = trainer_json_problem(path)
         if problem:
             raise CheckpointError(f"checkpoint {path}: {problem}")
         trainer = json.loads((path / "trainer.json").read_text())
-        if trainer.get("world_size") != self.world_size:
+        if trainer.get("world_size") != self.world_size and not any_world_size:
             raise ConfigError(f"checkpoint {path} was written by {trainer.get('world_size')} processes, this run has "
                               f"{self.world_size}: resume with the same world size (or start a new run with "
                               "checkpoint.init_from for weights only)")
@@ -317,7 +319,10 @@ class CheckpointManager:
                 except ValueError as exc:
                     raise CheckpointError(str(exc)) from None
             optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-        per_rank = _torch_load(path / f"rank-{self.rank}.pt")
+        rank_file = path / f"rank-{self.rank}.pt"
+        if trainer.get("world_size") != self.world_size:  # the data position is global; RNG as rank 0 had it
+            rank_file = path / "rank-0.pt"
+        per_rank = _torch_load(rank_file)
         set_rng_state(per_rank["rng"])
         return trainer, per_rank["data"]
 
@@ -335,6 +340,8 @@ def _torch_load(path: Path):
 def _weights_in(directory: Path) -> Path:
     """A checkpoint directory's weights: model.safetensors, or adapter.safetensors for a LoRA run."""
     adapter = directory / "adapter.safetensors"
+    if not (directory / "model.safetensors").is_file() and (directory / "dcp").is_dir():
+        return directory / "dcp"  # a sharded (fsdp) checkpoint: read with lctrain.train.dcp_checkpoint
     return adapter if adapter.is_file() and not (directory / "model.safetensors").is_file() else \
         directory / "model.safetensors"
 
@@ -347,7 +354,7 @@ def resolve_weights(path: str | os.PathLike) -> Path:
     (`adapter.safetensors` for a LoRA run: `load_weights` merges it with its base). For a run or checkpoints dir
     this is the newest checkpoint that verifies, as for resuming; passing over newer ones is said on stderr."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
+    if (p.is_file() and p.suffix == ".safetensors") or (p.name == "dcp" and (p / ".metadata").is_file()):
         return p
     for root in (p / "checkpoints", p):
         if step_dirs(root) or (root / LATEST).exists():
@@ -358,7 +365,7 @@ def resolve_weights(path: str | os.PathLike) -> Path:
                     _SAID.add(line)
                     print(line, file=sys.stderr, flush=True)
             return _weights_in(chosen.path)
-    if (p / "model.safetensors").is_file() or (p / "adapter.safetensors").is_file():
+    if any((p / name).exists() for name in ("model.safetensors", "adapter.safetensors", "dcp")):
         return _weights_in(p)
     raise FileNotFoundError(f"no model weights under {p} (expected a run dir, a checkpoint dir or a .safetensors file)")
 
@@ -384,6 +391,10 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
         load_merged(model, weights)
         return
     try:
-        load_model_weights(model, weights)
+        if weights.is_dir():
+            from lctrain.train.dcp_checkpoint import load_full_weights
+            load_full_weights(model, weights)
+        else:
+            load_model_weights(model, weights)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -29,6 +29,9 @@ def build_engine(module: torch.nn.Module, cfg, env, layout):
     if cfg.train.engine == "deepspeed":
         from lctrain.train.deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(module, cfg, env, layout)
+    if cfg.train.engine == "fsdp":
+        from lctrain.train.fsdp_engine import FSDPEngine
+        return FSDPEngine(module, cfg, env, layout)
     return DDPEngine(module, cfg, env)
 
 

@@ -19,7 +19,7 @@ from lctrain.train.batches import BatchPreparer
 from lctrain.train.checkpoint import CheckpointManager, load_weights
 from lctrain.train.checkpoint_select import latest_hint
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from lctrain.train.memory import activation_memory_estimate
+from lctrain.train.memory import activation_memory_estimate, fsdp_memory_lines
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
 from lctrain.train.engine import build_engine
 from lctrain.train.resume import (apply_recipe, check_compatible, choose_checkpoint, fresh_start_note,
@@ -90,7 +90,12 @@ class Trainer:
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
 
-        self.model = LanguageModel(cfg.model).to(env.device)
+        if cfg.train.engine == "fsdp" and not cfg.checkpoint.init_from:
+            from lctrain.models.init import parameters_on_meta
+            with parameters_on_meta():  # the engine shards it, then materialises it shard by shard
+                self.model = LanguageModel(cfg.model)
+        else:
+            self.model = LanguageModel(cfg.model).to(env.device)
         self.autocast_dtype = self._autocast_dtype()
         self.teacher = self.distiller = None
         if teacher_cfg is not None:
@@ -198,6 +203,7 @@ class Trainer:
             f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
             f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
             self.data.summary(),
+            *(fsdp_memory_lines(self.cfg, m, sorted({lay.world, 8, 64})) if self.cfg.train.engine == "fsdp" else []),
         ])
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -257,7 +263,8 @@ class Trainer:
             check_compatible(cfg, latest, self.data.tokenizer, self.run_dir)
             from lctrain.train.elastic import load_resized, saved_world_size
             saved_world = saved_world_size(latest)
-            if saved_world not in (None, lay.world):  # the data position is global: another world size continues it
+            # the data position is global: another world size continues it (fsdp's DCP state reshards on its own)
+            if saved_world not in (None, lay.world) and engine.name != "fsdp":
                 state, data_state = load_resized(latest, engine, env.rank, lay.world)
                 notes.append(f"resuming {latest} (written by {saved_world} processes) on {lay.world}: the data "
                              "continues from the saved global position")
@@ -303,6 +310,19 @@ class Trainer:
         bad_in_a_row = 0
         saved_at = step if latest is not None else -1
         step_t0 = time.perf_counter()
+
+        def finish_saves() -> None:
+            """A background (async) save completes its checkpoint here: collective, and it may wait on the write."""
+            finish = getattr(engine, "finish_saves", None)
+            if finish is None:
+                return
+            if watch is not None:
+                watch.paused = True
+            try:
+                finish()
+            finally:
+                if watch is not None:
+                    watch.paused = False
 
         def save(at_step: int) -> None:
             trainer_state = {"step": at_step, "tokens": tokens_seen, "skipped_steps": skipped,
@@ -407,6 +427,7 @@ class Trainer:
                     saved = save_unless_streak(step, "interval" if not stop_now else "stop")
                     saved_at = step if saved else saved_at
                 if stop_now:
+                    finish_saves()
                     if self.main:
                         why = signalled or f"train.stop_at={cfg.train.stop_at}"
                         kept = (f"checkpoint saved at step {step}" if saved else
@@ -421,6 +442,7 @@ class Trainer:
                     progress.write(f"final eval_loss {result['eval_loss']:.4f} eval_ppl {result['eval_ppl']:.2f}")
             if saved_at != step:
                 save_unless_streak(step, "final")
+            finish_saves()
             return 0
         except RuntimeError as exc:
             if watch is None or isinstance(exc, TrainingAborted) or not is_collective_error(exc):
@@ -438,7 +460,11 @@ def train(cfg: Config, dry_run: bool = False) -> int:
     env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     finished = False
     try:
+        sp = cfg.parallel.sp
+        if dry_run and env.world_size % sp:  # a plan on fewer processes than one SP group: data laid out as sp=1
+            cfg.parallel.sp = 1
         trainer = Trainer(cfg, env, dry_run=dry_run)
+        cfg.parallel.sp = sp  # the summary's memory estimate is for the recipe's layout
         if dry_run:
             if env.is_main:
                 print(trainer.summary(), flush=True)

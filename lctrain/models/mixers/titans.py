@@ -93,6 +93,7 @@ class Titans(nn.Module):
             # Learned initial weights of the MLP memory (an all-zero MLP could never learn).
             self.mem_w1 = nn.Parameter(torch.randn(self.n_heads, self.head_dim, hidden) / math.sqrt(self.head_dim))
             self.mem_w2 = nn.Parameter(torch.randn(self.n_heads, hidden, self.head_dim) / math.sqrt(hidden))
+        self.init_std = model_cfg.init_std
         self.persistent = nn.Parameter(torch.randn(persistent_tokens, d) * model_cfg.init_std)
         if variant != "mal":
             self.attn_qkv = nn.Linear(d, 3 * inner, bias=False)
@@ -109,6 +110,10 @@ class Titans(nn.Module):
     def init_extra_(self) -> None:
         # Start forgetting little (alpha ~ 0.02), with momentum ~ 0.9 and a moderate step size (theta ~ 0.1).
         with torch.no_grad():
+            if self.memory_depth == 2:
+                self.mem_w1.normal_(0.0, 1.0 / math.sqrt(self.mem_w1.shape[1]))
+                self.mem_w2.normal_(0.0, 1.0 / math.sqrt(self.mem_w2.shape[1]))
+            self.persistent.normal_(0.0, self.init_std)
             bias = self.mem_gates.bias.view(3, self.n_heads)
             bias[0].fill_(-4.0)
             bias[1].fill_(2.0)
