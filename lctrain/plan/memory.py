@@ -105,6 +105,7 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
     fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
     peak = fixed + max(forward_end, optimizer_step)
     return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": v for k, v in act.items()},
-            "backward_working": int(working), "logits": int(logits), "loss_gradients": int(loss_gradients), "sp_buffers": int(sp_buffers),
+            "backward_working": int(working), "logits": int(logits),
+            "loss_gradients": int(loss_gradients), "sp_buffers": int(sp_buffers),
             "peak_tensor_bytes": int(peak),
             "total_gib": (peak * (1 + ALLOCATOR_MARGIN)) / GiB + CONTEXT_GIB}

@@ -2,8 +2,9 @@
 
   compute     each family's FLOPs / (peak x its efficiency); the SP attention runs the same fused op as one GPU
               does, block by block (its fp32 log-sum-exp merges are O(T H) and not counted); element-wise work
-              (norms, activations, gates, the short convolutions) as memory traffic: the saved activations are written in forward, read in
-              backward and their gradients written (3 passes, 4 with checkpointing) at HBM bandwidth x efficiency
+              (norms, activations, gates, the short convolutions) as memory traffic: the saved activations are
+              written in forward, read in backward and their gradients written (3 passes, 4 with checkpointing) at
+              HBM bandwidth x efficiency
   SP traffic  per-direction bytes (half of the counted sent + received) / link bandwidth x efficiency; the link
               is NVLink when the SP group fits in a node, the network otherwise. Ring attention overlaps its
               transfers with the block computations (exposed: what exceeds the attention compute); allgather,
