@@ -3,7 +3,6 @@
     python bench/plan_study.py                 # H100, writes bench/results/plan_study_h100.{json,png}
     python bench/plan_study.py --gpu h200
     python bench/plan_study.py --quick         # the shipped 335M recipe only, 32K-128K, 8 and 64 GPUs
-    python bench/plan_study.py --sp-attention fused   # ... if SP attention were a fused block kernel (_fused)
 
 Models: `recipes/hybrid_3to1.yaml` (335M) and every other `recipes/hybrid_3to1*.yaml`; while no 1.3B / 7B recipe
 is shipped, the study widens the 335M recipe by overrides (same pattern, head sizes and vocabulary) to 1.3B and 7B
@@ -66,9 +65,9 @@ def summary(entry: dict | None) -> dict | None:
     return {k: entry[k] for k in keys}
 
 
-def study_point(cfg_of, shape, gpus: int, seq_len: int, gpu, sp_attention: str) -> dict:
+def study_point(cfg_of, shape, gpus: int, seq_len: int, gpu) -> dict:
     cfg = cfg_of(seq_len, gpus)
-    result = plan(cfg, gpus, gpu, shape=shape, sp_attention=sp_attention)
+    result = plan(cfg, gpus, gpu, shape=shape)
     fitting = [e for e in result["candidates"] if e["fits"]]
     per_mode = {}
     for mode in MODES:
@@ -80,12 +79,12 @@ def study_point(cfg_of, shape, gpus: int, seq_len: int, gpu, sp_attention: str) 
             "fitting": len(fitting), "candidates": len(result["candidates"])}
 
 
-def longest(cfg_of, shape, gpus: int, gpu, limit: int, sp_attention: str) -> dict:
+def longest(cfg_of, shape, gpus: int, gpu, limit: int) -> dict:
     """Longest power-of-two length (from 32K, up to `limit`) at which some candidate fits; `at_limit` when the
     search stopped at the limit rather than at a length that does not fit."""
     best, seq_len = None, 32 * K
     while seq_len <= limit:
-        result = plan(cfg_of(seq_len, gpus), gpus, gpu, shape=shape, sp_attention=sp_attention)
+        result = plan(cfg_of(seq_len, gpus), gpus, gpu, shape=shape)
         if result["best"] is None:
             break
         best = {"seq_len": seq_len, "at_limit": seq_len * 2 > limit, **summary(result["best"])}
@@ -166,7 +165,7 @@ def plot(data: dict, path: Path) -> None:
             axes[0].plot([p["seq_len"] for p in pts], [p["best"]["tokens_per_s"] for p in pts], styles[i % 3],
                          marker="o", markersize=3, label=f"{model['name']}, {gpus} GPUs")
     axes[0].set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="tokens/s per GPU (best plan)",
-                title=f"best plan per length ({data['gpu']}, SP attention: {data['sp_attention']})")
+                title=f"best plan per length ({data['gpu']})")
     axes[0].legend(fontsize=6)
     for sp, ls in zip(data["models"][0]["traffic"], ("-", "--")):
         rows = data["models"][0]["traffic"][sp]["rows"]
@@ -191,14 +190,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     parser.add_argument("--quick", action="store_true", help="335M only, 32K-128K, 8 and 64 GPUs")
-    parser.add_argument("--sp-attention", default="blocks", choices=("blocks", "fused"),
-                        help="today's einsum blocks (default) or a fused block kernel")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/plan_study_<gpu>.json)")
     args = parser.parse_args()
     gpu = load_measured_efficiency(GPUS[args.gpu], args.gpu)
     lengths = LENGTHS[:3] if args.quick else LENGTHS
     counts = GPU_COUNTS[:2] if args.quick else GPU_COUNTS
-    data = {"gpu": gpu.name, "sp_attention": args.sp_attention, "efficiency": gpu.efficiency, "efficiency_source": gpu.efficiency_source,
+    data = {"gpu": gpu.name, "efficiency": gpu.efficiency, "efficiency_source": gpu.efficiency_source,
             "global_batch": "one sample per GPU per step (tokens_per_step = T x GPUs)", "models": []}
     jobs = [(m, g, t) for m in models(args.quick) for g in counts for t in lengths]
     progress = tqdm(total=len(jobs) + len(models(args.quick)) * len(counts), desc="plans")
@@ -211,14 +208,13 @@ def main() -> None:
                  "longest": {}, "traffic": traffic_curves(shape)}
         for gpus in counts:
             for seq_len in lengths:
-                entry["points"].append(study_point(cfg_of, shape, gpus, seq_len, gpu, args.sp_attention))
+                entry["points"].append(study_point(cfg_of, shape, gpus, seq_len, gpu))
                 progress.update()
-            entry["longest"][str(gpus)] = longest(cfg_of, shape, gpus, gpu, (4 if args.quick else 256) * 1024 * K,
-                                                  args.sp_attention)
+            entry["longest"][str(gpus)] = longest(cfg_of, shape, gpus, gpu, (4 if args.quick else 256) * 1024 * K)
             progress.update()
         data["models"].append(entry)
     progress.close()
-    suffix = ("_quick" if args.quick else "") + ("_fused" if args.sp_attention == "fused" else "")
+    suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"plan_study_{args.gpu}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")

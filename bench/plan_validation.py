@@ -4,7 +4,9 @@
 
 Memory: planned peak vs the peak of live tensors that torch's MemTracker measures over a real training step
 (forward, backward, AdamW) for the configurations of `tests/plan/memory_cases.py`. FLOPs: planned vs
-`torch.utils.flop_counter` over one forward + backward (SDPA on its math backend, so attention is counted).
+`torch.utils.flop_counter` over one forward + backward of the model (matmul + recurrent families: the fused
+attention op is opaque to the counter) and, for the attention family, over the op's torch path run directly
+(`tests/plan/test_flops.py`).
 Communication needs no table: `tests/plan/test_comm_bytes.py` asserts equality with the gloo-counted bytes.
 """
 from __future__ import annotations
@@ -19,7 +21,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -33,7 +34,7 @@ from lctrain.plan.shape import model_shape  # noqa: E402
 from tests.plan.measure import measured_peak_bytes  # noqa: E402
 from tests.plan.memory_cases import CONFIGS  # noqa: E402
 from tests.plan.test_flops import CASES as FLOP_CASES  # noqa: E402
-from tests.plan.test_flops import ROWS, SEQ_LEN  # noqa: E402
+from tests.plan.test_flops import ROWS, SEQ_LEN, _addmm_flops  # noqa: E402
 from tests.plan.test_memory import planned_peak_bytes  # noqa: E402
 
 
@@ -43,10 +44,32 @@ def counted_flops(overrides, checkpointing):
     torch.manual_seed(0)
     model = LanguageModel(cfg.model).train()
     ids = torch.randint(0, cfg.model.vocab_size, (ROWS, SEQ_LEN))
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter:
         model(ids, torch.arange(SEQ_LEN).expand(ROWS, SEQ_LEN), labels=ids).loss_sum.backward()
-    planned = flops_per_micro_step(model_shape(cfg), ROWS, SEQ_LEN, 1, "contiguous", checkpointing, causal=False)
-    return counter.get_total_flops(), sum(planned.values())
+    planned = flops_per_micro_step(model_shape(cfg), ROWS, SEQ_LEN, 1, "contiguous", checkpointing)
+    return counter.get_total_flops(), planned["matmul"] + planned["recurrent"]
+
+
+def counted_attention_flops(checkpointing):
+    """The fused attention op's torch path under the counter vs the planner's attention family (one layer)."""
+    import dataclasses
+
+    from lctrain.kernels.attention.blockwise import blockwise_backward, blockwise_forward
+    from lctrain.kernels.attention.pattern import Pattern
+    from lctrain.plan.shape import LayerShape
+    heads, kv_heads, dim, length = 8, 2, 64, 4096
+    q = torch.randn(1, length, heads, dim)
+    k, v = torch.randn(1, length, kv_heads, dim), torch.randn(1, length, kv_heads, dim)
+    pattern = Pattern(True, (), (), dim ** -0.5)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(2 if checkpointing else 1):
+            o, lse = blockwise_forward(q, k, v, pattern, None)
+        blockwise_backward(q, k, v, o, lse, torch.randn_like(o), None, pattern, None)
+    layer = LayerShape("attn", 0, heads=heads, kv_heads=kv_heads, head_dim=dim)
+    shape = dataclasses.replace(model_shape(load_config(None, ["model.pattern=A", "model.n_layers=1"])),
+                                layers=(layer,), layer_groups=((layer, 1),))
+    planned = flops_per_micro_step(shape, 1, length, 1, "contiguous", checkpointing)["attention"]
+    return counter.get_total_flops(), planned
 
 
 def main() -> None:
@@ -61,6 +84,10 @@ def main() -> None:
     for name, (overrides, checkpointing) in tqdm(FLOP_CASES.items(), desc="flops"):
         counted, planned = counted_flops(overrides, checkpointing)
         flops.append({"config": name, "counted": counted, "planned": planned, "ratio": planned / counted})
+    for checkpointing in (False, True):
+        counted, planned = counted_attention_flops(checkpointing)
+        flops.append({"config": f"attention op 1x4096{' ckpt' if checkpointing else ''}", "counted": counted,
+                      "planned": planned, "ratio": planned / counted})
     out = ROOT / "bench" / "results" / "plan_validation_cpu.json"
     out.write_text(json.dumps({"device": device, "memory": memory, "flops": flops}, indent=1) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -6,8 +6,8 @@ by measurement (`tests/plan/test_activations.py` counts the saved tensors with `
   every block   4 d (block input, mixer-norm output, residual, mlp-norm output) + 4 ffn (SwiGLU gate, up, act,
                 product) + 2 fp32 norm statistics
   attn          q, k, v projections, rotated q and k, output and the output projection's input:
-                4 H hd + 3 Hkv hd, + H fp32 log-sum-exp; on the CPU (torch) path SDPA also keeps the packed-document
-                mask as an fp32 [T, T] bias per row: + T fp32
+                4 H hd + 3 Hkv hd, + H fp32 log-sum-exp (the fused op keeps no mask and no [T, T] tensor, on
+                every backend)
   gdn           module (projections, three short convolutions with their shifted masked copies, L2 norms, gates,
                 output norm): 15 H K + 12.7 H V + 2 d + 178 H (measured coefficients of this code)
                 op, triton: q, k, v, beta, cumulative gate, two [c, c] chunk matrices, w, delta, chunk states
@@ -15,7 +15,8 @@ by measurement (`tests/plan/test_activations.py` counts the saved tensors with `
   linear        module: 10.5 H hd; op triton: q, k, v + fp32 gates; op torch: 137.75 + 7.6 hd per head (fitted)
   conv          (k + 5.3) x inner channels (the causal conv keeps one masked shifted copy per tap)
 
-Under sequence parallelism a layer holds T/W tokens, plus: allgather keeps every rank's K and V (W |kv|); LASP-2
+Under sequence parallelism a layer holds T/W tokens, plus: allgather keeps every rank's K and V (W |kv|); ulysses
+keeps its head-sharded q, k, v (in place of the rotated ones) and output (+ H hd); ring keeps what one GPU does; LASP-2
 keeps the gathered chunk summaries and the entering states (a few state-sized tensors per chunk). With activation
 checkpointing only each block's input (d per token) is kept, and one block's full set exists while it is
 recomputed in backward.
@@ -48,12 +49,10 @@ def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: i
     if layer.type == "attn":
         hd = layer.head_dim
         mixer = 4 * layer.heads * hd + 3 * layer.kv_heads * hd + layer.heads * f32
-        if backend == "torch" and sp == 1:  # CPU SDPA turns the packed-document mask into an fp32 [T, T] bias
-            mixer += seq_len * f32
-        if sp > 1 and attn == "allgather":
+        if sp > 1 and attn == "allgather":   # every rank's K and V, gathered
             mixer += (sp - 1) * 2 * layer.kv_heads * hd
-        if sp > 1:  # the SP paths keep the output in the compute dtype (fp32 under bf16 autocast)
-            mixer += layer.heads * hd * (max(f32, 1) - 1)
+        if sp > 1 and attn == "ulysses":     # the head-sharded output, beside the one sent back
+            mixer += layer.heads * hd
     elif layer.type == "gdn":
         mixer = 15 * layer.heads * layer.key_dim + 12.7 * layer.heads * layer.value_dim + 2 * d_model \
             + 178 * layer.heads + _op_elements(layer, backend, elem)

@@ -35,9 +35,6 @@ class Workload:
     gpus_per_node: int = 8
     backend: str = "triton"         # "triton" (GPU kernels) or "torch" (the chunked CPU path)
     mixed_precision: bool = True    # fp32 master weights + bf16 autocast (False: everything in dtype_bytes)
-    # softmax attention under SP: "blocks" is today's `lctrain.parallel.attention_blocks` (fp32 einsums that
-    # materialise [B, H, Tq, Tk] per block pair); "fused" a flash-style block kernel (no T^2 tensor, bf16)
-    sp_attention: str = "blocks"
 
 
 def engine_of(cfg) -> str:

@@ -16,9 +16,6 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     parser.add_argument("--gpu", default="h100", help=f"GPU kind: {', '.join(GPUS)} (default h100)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain), default 8")
-    parser.add_argument("--sp-attention", default="blocks", choices=("blocks", "fused"),
-                        help="softmax attention under SP: 'blocks' = today's fp32 einsum blocks (default), "
-                             "'fused' = what a flash-style block kernel would give")
     parser.add_argument("--json", help="write the whole plan as JSON here")
     parser.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     args = parser.parse_args(argv)
@@ -33,7 +30,7 @@ def plan_main(argv: list[str]) -> int:
     from lctrain.plan.search import plan
     cfg = load_config(find_recipe(args.recipe), args.overrides)
     gpu = load_measured_efficiency(GPUS[args.gpu], args.gpu)
-    result = plan(cfg, args.gpus, gpu, args.gpus_per_node, sp_attention=args.sp_attention)
+    result = plan(cfg, args.gpus, gpu, args.gpus_per_node)
     print(format_plan(result, args.top))
     if args.json:
         write_json(result, args.json)

@@ -2,17 +2,21 @@
 
   matmul     6 N per token (N: every weight a token passes through, as in `lctrain.models.flops`), + 2 N' with
              activation checkpointing (the recomputed forward; N' leaves out each block's last projection, whose
-             output nothing saves, so the recomputation stops before it), + 2 V d for the loss head, whose chunks
-             are always recomputed in backward
-  attention  causal softmax attention: 12 H hd per visible key (2 matmuls x 2 FLOPs x hd, x 3 for forward +
-             backward); one document per sample, so a query at position t sees t + 1 keys (on average about T/2:
-             `lctrain.models.flops`' 6 H hd T); + 1/3 with checkpointing
+             output nothing saves, so the recomputation stops before it). The LM head is part of N: the fused
+             cross-entropy (`lctrain.models.loss`) forms its gradients in forward and recomputes nothing
+  attention  the fused attention op (`lctrain.kernels.attention`, every path, SP blocks included): forward 2
+             matmuls per visible query-key pair (S = q k^T, o = P v), backward 5 (S again from the saved
+             log-sum-exp, dP = dO v^T, dV, dQ, dK): 14 H hd per visible pair, + 4 H hd with checkpointing (the
+             recomputed forward). One document per sample, so a query at position t sees t + 1 keys (on average
+             about T/2). The MFU numerator keeps the model count (`lctrain.models.flops`: 12 H hd per pair)
   recurrent  the chunked kernels' matmuls, per token and head, forward (c = chunk length):
                gdn     5 c K + 3 c V + 6 K V   (k k^T, q k^T, the WY solve's products, w S, q S, qk delta, k^T delta)
                linear  2 c K + 2 c V + 4 K V   (q k^T, (q k^T) v, q S, k^T v)
              x 3 for forward + backward, + 1/3 with checkpointing
-Under sequence parallelism a GPU holds T/W tokens; attention work per rank depends on the layout: zigzag balances
-it, contiguous gives the last rank (the one the step waits for) queries that see the whole prefix.
+Under sequence parallelism a GPU holds T/W tokens. The SP attention skips the blocks no query can see (host
+metadata), so a rank's attention work is its queries' visible pairs: zigzag balances it, contiguous gives the last
+rank (the one the step waits for) queries that see the whole prefix; ulysses computes H/W heads over the whole
+sequence on every rank, balanced under either layout.
 """
 from __future__ import annotations
 
@@ -37,37 +41,30 @@ def recurrent_flops_per_token(layer) -> float:
     return 0.0
 
 
-def visible_keys_per_query(seq_len: int, sp: int, layout: str, causal: bool = True) -> float:
+def visible_keys_per_query(seq_len: int, sp: int, layout: str, causal: bool = True, attn: str = "allgather") -> float:
     """Average keys a query of the busiest SP rank attends to (causal, one document per sample)."""
     if not causal:
         return float(seq_len)
-    if sp == 1 or layout == "zigzag":
+    if sp == 1 or layout == "zigzag" or attn == "ulysses":
         return (seq_len + 1) / 2
     t_local = local_tokens(seq_len, sp, layout)[0]
     return seq_len - t_local / 2 + 0.5   # last rank: its queries see everything before them
 
 
 def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, checkpointing: bool,
-                         causal: bool = True, sp_attention: str = "fused") -> dict[str, float]:
+                         causal: bool = True, attn: str = "allgather") -> dict[str, float]:
     """FLOPs of one micro-batch's forward + backward on the busiest GPU, by family. `causal=False` counts every
-    query-key pair (what `torch.utils.flop_counter` reports for a masked SDPA). With `sp_attention="blocks"` and
-    sp > 1 the attention runs as today's fp32 einsum blocks (family `sp_blocks`): every block pair with anything
-    visible is computed in full, which on the busiest rank is every key of the sequence (both layouts), and its
-    backward recomputes the probabilities: 2 matmuls forward + 5 backward = 14 H hd per query-key pair."""
+    query-key pair."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     recompute = 4 / 3 if checkpointing else 1.0
     head = shape.vocab_size * shape.d_model
     layer_params = shape.matmul_params - head
     recomputed = layer_params - len(shape.layers) * shape.d_model * shape.ffn_dim if checkpointing else 0
-    matmul = tokens * (6 * layer_params + 2 * recomputed + 8 * head)
-    keys = visible_keys_per_query(seq_len, sp, layout, causal)
-    attention = sum(count * tokens * 12 * layer.heads * layer.head_dim * keys for layer, count in shape.grouped()
-                    if layer.type == "attn") * recompute
+    matmul = tokens * (6 * (layer_params + head) + 2 * recomputed)
+    keys = visible_keys_per_query(seq_len, sp, layout, causal, attn)
+    per_pair = 18 if checkpointing else 14
+    attention = sum(count * tokens * per_pair * layer.heads * layer.head_dim * keys for layer, count
+                    in shape.grouped() if layer.type == "attn")
     recurrent = sum(count * tokens * 3 * recurrent_flops_per_token(layer) for layer, count in shape.grouped()) \
         * recompute
-    blocks = 0.0
-    if sp > 1 and sp_attention == "blocks":
-        blocks = sum(count * tokens * 14 * layer.heads * layer.head_dim * seq_len for layer, count in shape.grouped()
-                     if layer.type == "attn") * (18 / 14 if checkpointing else 1.0)
-        attention = 0.0
-    return {"matmul": matmul, "attention": attention, "recurrent": recurrent, "sp_blocks": blocks}
+    return {"matmul": matmul, "attention": attention, "recurrent": recurrent}

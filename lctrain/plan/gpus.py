@@ -1,7 +1,6 @@
 """GPU specifications and the efficiencies the time model assumes.
 
-Peaks are dense bf16 tensor-core FLOP/s (no sparsity) and plain fp32 FLOP/s from the vendors' data sheets (SXM
-parts). Memory is what
+Peaks are dense bf16 tensor-core FLOP/s (no sparsity) from the vendors' data sheets (SXM parts). Memory is what
 `torch.cuda.get_device_properties().total_memory` reports, in GiB. `intra_bw` is NVLink bandwidth per GPU and
 direction, `inter_bw` the network bandwidth per GPU and direction (one 400 Gb/s NIC per GPU on H100/H200/B200
 systems, 200 Gb/s on A100), both in bytes/s.
@@ -22,9 +21,8 @@ GiB = 2 ** 30
 
 DEFAULT_EFFICIENCY = {
     "matmul": 0.60,       # projections, MLP, LM head
-    "attention": 0.45,    # flash attention forward + backward
+    "attention": 0.45,    # the fused attention op forward + backward (flash-style; SP blocks included)
     "recurrent": 0.25,    # chunked GDN / linear-attention kernels
-    "sp_blocks": 0.50,    # fraction of the fp32 peak reached by the SP attention's einsum blocks (fp32 matmuls)
     "memory": 0.70,       # fraction of HBM bandwidth reached by element-wise work (norms, activations, optimizer)
     "network": 0.80,      # fraction of link bandwidth reached by collectives
 }
@@ -36,7 +34,6 @@ class GPU:
     memory_gib: float
     peak_flops: float
     hbm_bw: float
-    fp32_flops: float     # non-tensor-core fp32 peak: what the SP attention blocks (fp32 einsums) run at
     intra_bw: float
     inter_bw: float
     efficiency: dict = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
@@ -44,10 +41,10 @@ class GPU:
 
 
 GPUS = {
-    "h100": GPU("H100 SXM 80GB", 79.1, 989e12, 3.35e12, 67e12, 450e9, 50e9),
-    "h200": GPU("H200 SXM 141GB", 139.8, 989e12, 4.8e12, 67e12, 450e9, 50e9),
-    "a100": GPU("A100 SXM 80GB", 79.1, 312e12, 2.0e12, 19.5e12, 300e9, 25e9),
-    "b200": GPU("B200 180GB", 178.4, 2250e12, 8.0e12, 80e12, 900e9, 50e9),
+    "h100": GPU("H100 SXM 80GB", 79.1, 989e12, 3.35e12, 450e9, 50e9),
+    "h200": GPU("H200 SXM 141GB", 139.8, 989e12, 4.8e12, 450e9, 50e9),
+    "a100": GPU("A100 SXM 80GB", 79.1, 312e12, 2.0e12, 300e9, 25e9),
+    "b200": GPU("B200 180GB", 178.4, 2250e12, 8.0e12, 900e9, 50e9),
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent.parent / "bench" / "results"

@@ -3,7 +3,8 @@
 Peak model (bytes): states + max(forward end, optimizer step), where
   states       = parameters + optimizer state (+ gradient buckets / gathered blocks the engine keeps)
   forward end  = saved activations (with checkpointing: block inputs + one recomputed block) + the first
-                 block's backward gradient buffers + the loss chunk's logits and their gradient + SP buffers in flight
+                 block's backward gradient buffers + the fused loss's chunk of logits and the hidden / head gradients
+                 it forms in forward + SP buffers in flight
                  (+ gradients already accumulated when there is gradient accumulation)
   optimizer    = gradients + one fp32 temporary the size of the local parameters (foreach AdamW)
 On a GPU the allocator needs room beyond the tensors' peak: `ALLOCATOR_MARGIN` of it for fragmentation and
@@ -20,6 +21,7 @@ Engines (n parameters, N = dp x sp ranks sharing the states, mixed precision = f
 """
 from __future__ import annotations
 
+from lctrain.models.loss import loss_chunk_size
 from lctrain.plan.activations import activation_bytes, backward_working_bytes
 from lctrain.plan.candidate import Candidate, Workload
 from lctrain.plan.comm import grad_accum, local_tokens
@@ -57,39 +59,29 @@ def model_state_bytes(shape, cand: Candidate, work: Workload, bucket_elements: i
             "buckets": 2 * block * half + 4 * block, "weight_copies": 0}
 
 
-def sp_block_bytes(layer, rows: int, t_local: int, sp: int, attn: str) -> int:
-    """Working memory of one SP attention block pair in `attention_blocks` (fp32): scores / probabilities and,
-    in backward, their gradients — four `[B, H_blk, T_local, T_local]` tensors live at once (measured: 4.16-4.21
-    with the mask, `tests/plan/test_memory.py`) — plus the `[B, T_local, T_local]` bool mask. Ulysses' blocks hold
-    H / W heads."""
-    heads = layer.heads // sp if attn == "ulysses" else layer.heads
-    return 4 * rows * heads * t_local * t_local * 4 + rows * t_local * t_local
+def sp_attention_working_bytes(layer, rows: int, t_local: int, sp: int, attn: str, elem: int) -> int:
+    """Transient bytes of one SP attention layer's backward beyond its saved tensors: the communication buffers
+    and the gradient accumulators (dQ and the visiting / gathered dK, dV in fp32). The fused block op itself needs
+    only tile-sized scratch (on-chip for the Triton kernels; a few `[H, 128, 512]` fp32 tiles on the CPU path), no
+    `[T_local, T_local]` tensor."""
+    w, e, wide = sp, elem, max(elem, 4)
+    kv = rows * t_local * layer.kv_heads * 2 * layer.head_dim
+    q = rows * t_local * layer.heads * layer.head_dim
+    if attn == "allgather":   # dK/dV of every rank (+ its copy in the input dtype for the reduce-scatter), dQ
+        return w * kv * wide + (w * kv * e if e < wide else 0) + q * wide
+    if attn == "ring":        # the K/V block in flight, the travelling dK/dV, dQ
+        return 2 * kv * e + 2 * kv * wide + q * wide
+    return 2 * (q + kv) * e + (q + kv) * wide   # ulysses: packed all-to-all send / receive, dQ/dK/dV per head group
 
 
 def sp_buffer_bytes(shape, cand: Candidate, work: Workload) -> int:
-    """Largest transient buffer of one layer's backward beyond its saved activations: communication buffers,
-    and with today's block attention the materialised block tensors."""
+    """Largest transient buffer of one layer's backward beyond its saved activations (SP attention layers)."""
     if cand.sp == 1:
         return 0
-    rows, w, e = cand.micro_batch_size, cand.sp, work.dtype_bytes
-    t_local = local_tokens(work.seq_len, w, cand.layout)[0]
-    wide = max(e, 4)
-    out = 0
-    for layer, _ in shape.grouped():
-        if layer.type != "attn":
-            continue
-        kv = rows * t_local * layer.kv_heads * 2 * layer.head_dim
-        q = rows * t_local * layer.heads * layer.head_dim
-        if cand.attn == "allgather":
-            size = w * kv * wide + w * kv * e            # dK/dV of every rank, then its reduce-scatter copy
-        elif cand.attn == "ring":
-            size = 2 * kv * e + 2 * kv * wide             # the block in flight and the travelling dK/dV
-        else:
-            size = 2 * (q + kv) * e + 2 * q * wide        # packed all-to-all send/receive and the head outputs
-        if work.sp_attention == "blocks":
-            size += sp_block_bytes(layer, rows, t_local, w, cand.attn)
-        out = max(out, size)
-    return out
+    t_local = local_tokens(work.seq_len, cand.sp, cand.layout)[0]
+    return max((sp_attention_working_bytes(layer, cand.micro_batch_size, t_local, cand.sp, cand.attn,
+                                           work.dtype_bytes) for layer, _ in shape.grouped() if layer.type == "attn"),
+               default=0)
 
 
 def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: int = 200_000_000) -> dict:
@@ -100,16 +92,20 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
     working = 0 if cand.activation_checkpointing else backward_working_bytes(
         shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, work.dtype_bytes)
     tokens = cand.micro_batch_size * local_tokens(work.seq_len, cand.sp, cand.layout)[0]
-    # one loss chunk's logits (fp32 copy under bf16) and their gradient, while the head is recomputed
-    per_logit = work.dtype_bytes + 8 if work.mixed_precision else 2 * work.dtype_bytes
-    logits = min(tokens, shape.loss_chunk_tokens) * shape.vocab_size * per_logit
+    # the fused cross-entropy: one chunk's fp32 logits, turned into their gradient in place (+ the bf16 logits
+    # before the fp32 copy and the gradient's bf16 copy under mixed precision); the hidden-state and head-weight
+    # gradients it forms in forward (fp32 weight gradient) are kept until backward
+    chunk = loss_chunk_size(shape.loss_chunk_tokens, tokens, shape.vocab_size)
+    logits = chunk * shape.vocab_size * (4 + (work.dtype_bytes if work.mixed_precision else 0))
+    loss_gradients = tokens * shape.d_model * work.dtype_bytes + shape.vocab_size * shape.d_model * 4
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
-    forward_end = sum(act.values()) + working + max(logits, 0) + sp_buffers + accumulated
+    forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated
     optimizer_step = states["grads"] + 4 * shape.n_params // (cand.world if cand.engine != "ddp" else 1)
     fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
     peak = fixed + max(forward_end, optimizer_step)
     return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": v for k, v in act.items()},
-            "backward_working": int(working), "logits": int(logits), "sp_buffers": int(sp_buffers),
+            "backward_working": int(working), "logits": int(logits),
+            "loss_gradients": int(loss_gradients), "sp_buffers": int(sp_buffers),
             "peak_tensor_bytes": int(peak),
             "total_gib": (peak * (1 + ALLOCATOR_MARGIN)) / GiB + CONTEXT_GIB}

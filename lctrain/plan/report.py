@@ -39,8 +39,7 @@ def format_plan(result: dict, top: int = 15) -> str:
     has_attn = "attn" in result["model"]["layers"]
     lines = [f"# plan: {result['gpus']} x {result['gpu']} ({result['gpus_per_node']} per node), "
              f"{result['model']['params'] / 1e6:,.1f}M parameters, seq_len {result['workload']['seq_len']:,}, "
-             f"{result['workload']['tokens_per_step']:,} tokens per step; SP attention: "
-             f"{result['workload']['sp_attention']}; efficiencies: {result['efficiency_source']}"]
+             f"{result['workload']['tokens_per_step']:,} tokens per step; efficiencies: {result['efficiency_source']}"]
     if fitting:
         rows = [list(COLUMNS)]
         for entry in fitting[:top]:

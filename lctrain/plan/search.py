@@ -16,7 +16,7 @@ ATTN_MODES = ("allgather", "ring", "ulysses")
 LAYOUTS = ("contiguous", "zigzag")
 
 
-def workload_of(cfg, world: int, gpus_per_node: int, sp_attention: str = "blocks") -> Workload:
+def workload_of(cfg, world: int, gpus_per_node: int) -> Workload:
     """Sample length, global batch (train.tokens_per_step, or what the recipe's micro-batch gives on `world`
     GPUs) and numeric format of the recipe on GPUs (bf16 autocast unless train.dtype is float32)."""
     seq_len = cfg.data.seq_len
@@ -26,8 +26,7 @@ def workload_of(cfg, world: int, gpus_per_node: int, sp_attention: str = "blocks
         tokens = cfg.train.micro_batch_size * seq_len * dp
     fp32 = cfg.train.dtype == "float32"
     return Workload(seq_len=seq_len, tokens_per_step=tokens, dtype_bytes=4 if fp32 else 2,
-                    gpus_per_node=gpus_per_node, backend="triton", mixed_precision=not fp32,
-                    sp_attention=sp_attention)
+                    gpus_per_node=gpus_per_node, backend="triton", mixed_precision=not fp32)
 
 
 def rule_outs(shape, cand: Candidate, work: Workload) -> list[str]:
@@ -103,7 +102,7 @@ def _rank_key(entry: dict):
     return (-entry["tokens_per_s"], entry["memory_gib"])
 
 
-def plan(cfg, world: int, gpu: GPU, gpus_per_node: int = 8, shape=None, sp_attention: str = "blocks") -> dict:
+def plan(cfg, world: int, gpu: GPU, gpus_per_node: int = 8, shape=None) -> dict:
     """`{"current", "best", "candidates", ...}` for the recipe `cfg` on `world` GPUs of kind `gpu`."""
     if world < 1:
         raise ConfigError(f"plan: --gpus must be a positive integer, got {world}")
@@ -111,9 +110,7 @@ def plan(cfg, world: int, gpu: GPU, gpus_per_node: int = 8, shape=None, sp_atten
         raise ConfigError(f"plan: --gpus-per-node must be a positive integer, got {gpus_per_node}")
     from lctrain.plan.shape import model_shape
     shape = shape or model_shape(cfg)
-    if sp_attention not in ("blocks", "fused"):
-        raise ConfigError(f"plan: --sp-attention must be 'blocks' or 'fused', got {sp_attention!r}")
-    work = workload_of(cfg, world, gpus_per_node, sp_attention)
+    work = workload_of(cfg, world, gpus_per_node)
     bucket = cfg.deepspeed.reduce_bucket_size
     current = evaluate(shape, current_candidate(cfg, world), work, gpu, bucket)
     entries = [evaluate(shape, c, work, gpu, bucket) for c in candidates(shape, cfg, world, work)]

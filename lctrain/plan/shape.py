@@ -33,7 +33,7 @@ class ModelShape:
     matmul_params: int          # weights a token passes through (flops.py): non-embedding + the LM head
     layers: tuple = field(default_factory=tuple)
     block_params: int = 0       # parameters of the largest block (FSDP's unsharded working set)
-    loss_chunk_tokens: int = 2048
+    loss_chunk_tokens: int = 0      # 0: the cross-entropy's auto sizing (`lctrain.models.loss.loss_chunk_size`)
     layer_groups: tuple = ()    # ((LayerShape, how many layers have it), ...): per-layer sums loop over these
 
     def grouped(self):

@@ -1,9 +1,10 @@
 """Step time from FLOPs, bytes and bandwidths, with the overlap assumptions stated here.
 
-  compute     each family's FLOPs / (peak x its efficiency) — today's SP attention blocks at the fp32 peak, plus
-              their passes over the materialised block tensors at HBM bandwidth; element-wise work (norms, activations, gates, the
-              short convolutions) as memory traffic: the saved activations are written in forward, read in
-              backward and their gradients written (3 passes, 4 with checkpointing) at HBM bandwidth x efficiency
+  compute     each family's FLOPs / (peak x its efficiency); the SP attention runs the same fused op as one GPU
+              does, block by block (its fp32 log-sum-exp merges are O(T H) and not counted); element-wise work
+              (norms, activations, gates, the short convolutions) as memory traffic: the saved activations are
+              written in forward, read in backward and their gradients written (3 passes, 4 with checkpointing) at
+              HBM bandwidth x efficiency
   SP traffic  per-direction bytes (half of the counted sent + received) / link bandwidth x efficiency; the link
               is NVLink when the SP group fits in a node, the network otherwise. Ring attention overlaps its
               transfers with the block computations (exposed: what exceeds the attention compute); allgather,
@@ -24,10 +25,6 @@ from lctrain.plan.compute import flops_per_micro_step
 from lctrain.plan.gpus import GPU
 
 
-def _head_dim(shape) -> int:
-    return next((layer.head_dim for layer, _ in shape.grouped() if layer.type == "attn"), 1)
-
-
 def _link(group: int, gpus_per_node: int, gpu: GPU) -> float:
     bandwidth = gpu.intra_bw if group <= gpus_per_node else gpu.inter_bw
     return bandwidth * gpu.efficiency["network"]
@@ -36,15 +33,10 @@ def _link(group: int, gpus_per_node: int, gpu: GPU) -> float:
 def step_time(shape, cand: Candidate, work: Workload, gpu: GPU) -> dict[str, float]:
     eff = gpu.efficiency
     flops = flops_per_micro_step(shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout,
-                                 cand.activation_checkpointing, sp_attention=work.sp_attention)
+                                 cand.activation_checkpointing, attn=cand.attn)
     t_matmul = flops["matmul"] / (gpu.peak_flops * eff["matmul"])
     t_attention = flops["attention"] / (gpu.peak_flops * eff["attention"])
     t_recurrent = flops["recurrent"] / (gpu.peak_flops * eff["recurrent"])
-    # today's SP attention blocks: fp32 matmuls, and ~10 passes over each materialised [B, H, Tq, Tk] fp32 tensor
-    # (scores, mask, exp, probabilities; in backward again plus their gradients), 14 with the recomputed forward
-    block_bytes = flops["sp_blocks"] / (14 * _head_dim(shape)) * 4 * 10
-    t_attention += (flops["sp_blocks"] / (gpu.fp32_flops * eff["sp_blocks"])
-                    + block_bytes / (gpu.hbm_bw * eff["memory"]))
     act = activation_bytes(shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, cand.attn,
                            work.dtype_bytes, False, work.backend)
     passes = 4 if cand.activation_checkpointing else 3
