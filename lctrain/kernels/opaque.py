@@ -161,6 +161,19 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
     return call
 
 
+def recurrent_fake(q: torch.Tensor, v: torch.Tensor, cu_seqlens_cpu, output_final_state: bool, backend: str,
+                   state_rows: int, state_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake outputs of a recurrent op: o `[B, T, H, V]` and the final state `[N, H, rows, cols]` (fp32; float64 for a
+    float64 input off Triton), or an empty placeholder when no state is asked for. N comes from the host offsets."""
+    batch, length, heads = q.shape[:3]
+    o = q.new_empty(batch, length, heads, v.shape[-1])
+    if not output_final_state:
+        return o, q.new_empty(0, dtype=torch.float32)
+    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
+    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
+    return o, q.new_empty(num_seqs, heads, state_rows, state_cols, dtype=state_dtype)
+
+
 def none_if_empty(t: torch.Tensor) -> torch.Tensor | None:
     """Map an op's placeholder output back to None."""
     return None if t.numel() == 0 and t.dim() == 1 else t

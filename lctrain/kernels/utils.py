@@ -120,6 +120,20 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op
 MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2
 
 
+def triton_or_torch(op: str, module: str, backend: str | None) -> str:
+    """`"triton"` when the op's optional Triton module imports; otherwise `"torch"` for auto dispatch, or a one-line
+    ValueError when `backend="triton"` was asked for explicitly."""
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if backend == "triton":
+            raise ValueError(f"{op}: backend='triton' is not available (no Triton kernels for this op in this "
+                             "build); use backend='torch' or 'naive'") from None
+        return "torch"
+    return "triton"
+
+
 def check_triton_documents(op: str, num_seqs: int, heads: int = 1) -> None:
     """One-line ValueError when a batch needs more grid rows than CUDA allows on axes 1-2: the linear and Taylor
     kernels put the document on axis 2 (`heads` = 1 here); the local and landmark kernels still put

@@ -5,7 +5,7 @@ import torch
 
 from lctrain.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 from lctrain.kernels.gated_delta_rule.naive import naive_gated_delta_rule
-from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.opaque import none_if_empty, opaque_op, recurrent_fake
 from lctrain.kernels.utils import check_cu_seqlens, device_cu_seqlens, host_cu_seqlens, resolve_backend
 
 __all__ = ["gated_delta_rule", "naive_gated_delta_rule", "chunk_gated_delta_rule"]
@@ -124,13 +124,7 @@ def _run(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, scale, out
 
 
 def _fake(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
-    batch, length, heads, key_dim = q.shape
-    o = q.new_empty(batch, length, heads, v.shape[-1])
-    if not output_final_state:
-        return o, q.new_empty(0, dtype=torch.float32)
-    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
-    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
-    return o, q.new_empty(num_seqs, heads, key_dim, v.shape[-1], dtype=state_dtype)
+    return recurrent_fake(q, v, cu_seqlens_cpu, output_final_state, backend, q.shape[-1], v.shape[-1])
 
 
 _gdn_op = opaque_op(

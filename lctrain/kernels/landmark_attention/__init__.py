@@ -13,7 +13,7 @@ from lctrain.kernels.landmark_attention.common import landmark_mask
 from lctrain.kernels.landmark_attention.naive import naive_landmark_attention
 from lctrain.kernels.opaque import opaque_op
 from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, device_cu_seqlens,
-                                   host_cu_seqlens, resolve_backend)
+                                   host_cu_seqlens, resolve_backend, triton_or_torch)
 
 __all__ = ["landmark_attention", "naive_landmark_attention", "chunk_landmark_attention", "landmark_mask"]
 
@@ -62,14 +62,8 @@ def landmark_attention(
     chosen = resolve_backend(backend, q, k, v, op=_OP)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if chosen == "triton":
-        try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
-            import lctrain.kernels.landmark_attention.triton_blocks  # noqa: F401
-        except ImportError:
-            if backend == "triton":
-                raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in "
-                                 "this build); use backend='torch' or 'naive'") from None
-            chosen = "torch"
+    if chosen == "triton":  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
+        chosen = triton_or_torch(_OP, "lctrain.kernels.landmark_attention.triton_blocks", backend)
     if chosen == "triton":
         check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
         unsupported = _triton_unsupported(q, v, block_size)

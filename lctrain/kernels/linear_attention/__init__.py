@@ -9,7 +9,7 @@ import torch
 
 from lctrain.kernels.linear_attention.chunk import chunk_linear_attention
 from lctrain.kernels.linear_attention.naive import naive_linear_attention
-from lctrain.kernels.opaque import none_if_empty, opaque_op
+from lctrain.kernels.opaque import none_if_empty, opaque_op, recurrent_fake
 from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, check_triton_documents, compiling,
                                    device_cu_seqlens, host_cu_seqlens, resolve_backend)
 
@@ -86,13 +86,7 @@ def _run(q, k, v, log_decay, initial_state, cu_seqlens, cu_seqlens_cpu, scale, o
 
 
 def _fake(q, k, v, log_decay, initial_state, cu_seqlens, cu_seqlens_cpu, scale, output_final_state, backend):
-    batch, length, heads, key_dim = q.shape
-    o = q.new_empty(batch, length, heads, v.shape[-1])
-    if not output_final_state:
-        return o, q.new_empty(0, dtype=torch.float32)
-    num_seqs = batch if cu_seqlens_cpu is None else cu_seqlens_cpu.shape[0] - 1
-    state_dtype = torch.float64 if q.dtype == torch.float64 and backend != "triton" else torch.float32
-    return o, q.new_empty(num_seqs, heads, key_dim, v.shape[-1], dtype=state_dtype)
+    return recurrent_fake(q, v, cu_seqlens_cpu, output_final_state, backend, q.shape[-1], v.shape[-1])
 
 
 _linear_op = opaque_op(

@@ -12,7 +12,7 @@ from lctrain.kernels.titans_memory.chunk import chunk_titans_linear_memory
 from lctrain.kernels.titans_memory.naive import naive_titans_linear_memory
 from lctrain.kernels.opaque import none_if_empty, opaque_op
 from lctrain.kernels.utils import (check_cu_seqlens, check_qkv_tensors, compiling, device_cu_seqlens, host_cu_seqlens,
-                                   resolve_backend)
+                                   resolve_backend, triton_or_torch)
 
 __all__ = ["titans_linear_memory", "naive_titans_linear_memory", "chunk_titans_linear_memory"]
 
@@ -69,14 +69,8 @@ def titans_linear_memory(
     host = host_cu_seqlens(cu_seqlens, cu_seqlens_cpu, _OP)
     _validate(q, k, v, alpha, eta, theta, chunk_size, initial_state, host)
     chosen = resolve_backend(backend, q, k, v, op=_OP)
-    if chosen == "triton":
-        try:  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
-            import lctrain.kernels.titans_memory.triton_chunk  # noqa: F401
-        except ImportError:
-            if backend == "triton":
-                raise ValueError(f"{_OP}: backend='triton' is not available (no Triton kernels for this op in "
-                                 "this build); use backend='torch' or 'naive'") from None
-            chosen = "torch"
+    if chosen == "triton":  # the Triton kernels are optional: without them CUDA tensors take the PyTorch path
+        chosen = triton_or_torch(_OP, "lctrain.kernels.titans_memory.triton_chunk", backend)
     if chosen == "triton":
         _validate_for_triton(q, v, chunk_size)
     memory, momentum = (None, None) if initial_state is None else initial_state
