@@ -3,7 +3,8 @@
 For the mixer types `lctrain plan` models (attn, gdn, linear, conv) this is the planner's activation model
 (`lctrain.plan.activations`: saved tensors per mixer type, sequence-parallel shards, checkpointing), so the dry
 run and the plan agree. Other mixer types get the older rough count: per layer and token about 8 d + 4 ffn
-elements, the [H, T, T] probabilities of the math attention path, one loss chunk of fp32 logits.
+elements (softmax attention runs on the fused op, so no [H, T, T] term), and one loss chunk of fp32 logits
+(`lctrain.models.loss.loss_chunk_size`, also for `model.loss_chunk_tokens: 0`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _planned(cfg, model) -> int:
                              cfg.parallel.layout, cfg.parallel.attn, elem, cfg.model.activation_checkpointing,
                              "triton" if on_gpu else "torch")
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sp
-    logits = min(tokens, cfg.model.loss_chunk_tokens) * shape.vocab_size * 4 * 2
+    logits = loss_chunk_size(cfg.model.loss_chunk_tokens, tokens, shape.vocab_size) * shape.vocab_size * 4 * 2
     return sum(parts.values()) + logits
 
 
@@ -42,13 +43,11 @@ def _rough(cfg, model) -> int:
     elem = 2 if cfg.train.dtype == "bfloat16" else 4
     ffn = m.ffn_dim or default_ffn_dim(m.d_model)
     per_layer = tokens * (8 * m.d_model + 4 * ffn) * elem
-    attn_layers = sum(1 for t in model.layer_types if t == "attn")
-    quadratic = cfg.train.micro_batch_size * m.n_heads * (cfg.data.seq_len // cfg.parallel.sp) * cfg.data.seq_len * elem
     logits = loss_chunk_size(m.loss_chunk_tokens, tokens, m.vocab_size) * m.vocab_size * 4 * 2
     n_layers = len(model.layer_types)
     if m.activation_checkpointing:
-        return n_layers * tokens * m.d_model * elem + per_layer + quadratic + logits
-    return n_layers * per_layer + attn_layers * quadratic + logits
+        return n_layers * tokens * m.d_model * elem + per_layer + logits
+    return n_layers * per_layer + logits
 
 
 def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
@@ -65,7 +64,7 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sp
     per_layer = tokens * (8 * m.d_model + 4 * (m.ffn_dim or default_ffn_dim(m.d_model))) * compute_bytes
     kept = tokens * m.d_model * compute_bytes if m.activation_checkpointing else per_layer
-    logits = min(tokens, m.loss_chunk_tokens) * m.vocab_size * 4 * 2
+    logits = loss_chunk_size(m.loss_chunk_tokens, tokens, m.vocab_size) * m.vocab_size * 4 * 2
     out = {
         "weights": 4 * n_params / world,
         "gradients": 4 * n_params / world,
