@@ -563,9 +563,9 @@ def _validate_convert(cfg: Config) -> None:
     if cfg.distill.align_steps and not cfg.convert.enabled:
         raise ConfigError("distill.align_steps: layer alignment needs converted layers; set convert.enabled=true "
                           "or distill.align_steps=0")
-    if cfg.distill.enabled and cfg.train.engine != "ddp":
-        raise ConfigError(f"distill.enabled: distillation runs with train.engine=ddp (the teacher is replicated, "
-                          f"the student's LM head is read whole); got {cfg.train.engine!r}")
+    if cfg.distill.enabled and cfg.train.engine not in ("ddp", "fsdp"):
+        raise ConfigError(f"distill.enabled: distillation runs with train.engine ddp or fsdp; got "
+                          f"{cfg.train.engine!r}")
     if cfg.distill.enabled and cfg.lora.enabled:
         raise ConfigError("distill.enabled: distillation with LoRA is not supported; set lora.enabled=false")
 

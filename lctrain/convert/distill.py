@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.models.loss import loss_chunk_size
@@ -69,8 +70,12 @@ class Distiller:
             teacher_hidden = self.teacher(input_ids, ctx=ctx).hidden
         teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
 
+        teacher_head = self.teacher.head_weight
+        if isinstance(teacher_head, DTensor):  # a sharded teacher (fsdp) holds its head whole only in its forward
+            teacher_head = teacher_head.full_tensor()
+
         def loss_fn(hidden, head_weight, labels):  # inside the student's forward: its head is whole there
-            loss, kl, ce, n = distill_loss_sum(hidden, head_weight, teacher_hidden, self.teacher.head_weight, labels,
+            loss, kl, ce, n = distill_loss_sum(hidden, head_weight, teacher_hidden, teacher_head, labels,
                                                self.cfg.tau, self.cfg.alpha, self.chunk_tokens)
             sums = torch.stack([kl, ce]).detach().double()
             self._sums = sums if self._sums is None else self._sums + sums

@@ -85,6 +85,14 @@ class FSDPEngine:
         self.sync_every_micro_step = cfg.parallel.fsdp_grad_sync == "micro_step"
         self.saver = ShardedSaver(cfg.checkpoint.async_save, env.is_main)
 
+    def shard_frozen(self, module: torch.nn.Module) -> None:
+        """Shard a frozen model (a distillation teacher) over the same mesh, block by block, so it costs each rank
+        its share of the weights; its forward all-gathers them like the student's."""
+        policy = mixed_precision(self.cfg, self.env.device)
+        for block in module.layers:
+            fully_shard(block, mesh=self.mesh, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(module, mesh=self.mesh, reshard_after_forward=True, mp_policy=policy)
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

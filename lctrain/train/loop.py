@@ -156,30 +156,27 @@ class Trainer:
             shown = ", ".join(f"{i}: [{', '.join(f'{v:.2f}' for v in s.tolist())}]" for i, s in scales.items())
             print(f"calibrated per-head output scales of converted layers {{{shown}}}", flush=True)
 
-    def _align(self) -> None:
-        """Stage 1 of a conversion (distill.align_steps): converted layers regress onto the attention outputs."""
+    def _align(self) -> list[dict]:
+        """Stage 1 of a conversion (distill.align_steps): converted layers regress onto the attention outputs.
+        Runs on the bare model before an engine wraps or shards it; returns the metrics records (steps <= 0),
+        which the loop writes once the run directory is set up."""
         from lctrain.convert.align import align_layers
         from lctrain.convert.layers import converted_layers
         steps = self.cfg.distill.align_steps
-        metrics = MetricsLogger(str(self.run_dir), self.main, self.cfg.logging.tensorboard)
-        progress = Progress("plain", steps, 0, self.main)
+        records = []
 
         def report(k: int, mse: float) -> None:
-            record = {"step": k - steps, "stage": "align", "align_mse": mse}  # align lines carry steps <= 0
-            metrics.log(record)
+            records.append({"step": k - steps, "stage": "align", "align_mse": mse})
             if self.main and (k % self.cfg.train.log_interval == 0 or k == steps):
-                progress.write(f"align {k}/{steps} mse {mse:.5f}")
+                print(f"align {k}/{steps} mse {mse:.5f}", flush=True)
 
         def autocast():
             return (torch.autocast(self.env.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
 
-        try:
-            align_layers(self.model, self.teacher, converted_layers(self.model), lambda: next(self.data.train),
-                         self.batches.prepare, steps, self.cfg.distill.align_lr, self.env, autocast, report)
-        finally:
-            progress.close()
-            metrics.close()
+        align_layers(self.model, self.teacher, converted_layers(self.model), lambda: next(self.data.train),
+                     self.batches.prepare, steps, self.cfg.distill.align_lr, self.env, autocast, report)
+        return records
 
     def _autocast_dtype(self):
         choice = self.cfg.train.dtype
@@ -254,11 +251,17 @@ class Trainer:
         cfg, env, lay = self.cfg, self.env, self.layout
         ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.rank, env.world_size, writer=writer)
         fpt = flops_per_token(self.model, cfg.data.seq_len)  # before an engine may partition the weights
-        engine = build_engine(self.model, cfg, env, lay)  # DDP or DeepSpeed: optimizer, schedule, reduction
-        step, tokens_seen, skipped = 0, 0, 0
         # Choose, check and load the checkpoint before writing anything: a refused resume leaves the run dir as is.
         chosen = choose_checkpoint(ckpt, env, cfg.checkpoint.resume)
         latest, notes = chosen.path, chosen.notes()
+        align_records = []
+        if latest is None and cfg.convert.enabled:  # a fresh conversion, on the bare model before any engine:
+            self._calibrate()  # per-head output scales, then stage 1 (if asked)
+            align_records = self._align() if cfg.distill.align_steps else []
+        engine = build_engine(self.model, cfg, env, lay)  # DDP, DeepSpeed or FSDP: optimizer, schedule, reduction
+        if self.teacher is not None and engine.name == "fsdp":
+            engine.shard_frozen(self.teacher)  # the teacher is sharded like the student
+        step, tokens_seen, skipped = 0, 0, 0
         if latest is not None:
             check_compatible(cfg, latest, self.data.tokenizer, self.run_dir)
             from lctrain.train.elastic import load_resized, saved_world_size
@@ -292,15 +295,13 @@ class Trainer:
             if latest is not None:
                 print(f"resumed from {latest} at step {step}", flush=True)
         ckpt.clean_partial()
-        if latest is None and cfg.convert.enabled:  # a fresh conversion: per-head output scales, then stage 1
-            self._calibrate()
-            if cfg.distill.align_steps:
-                self._align()
         model = engine.model
         model.train()
 
         metrics = MetricsLogger(str(self.run_dir), self.main, cfg.logging.tensorboard,
                                 resume_step=step if latest is not None else None)
+        for record in align_records:
+            metrics.log(record)
         progress = Progress(cfg.logging.progress, cfg.train.steps, step, self.main)
         stop = StopRequest().install()
         watch = RankWatch(env.rank, env.world_size, cfg.parallel.timeout_s).start() if env.distributed else None

@@ -78,3 +78,23 @@ def test_conversion_under_ddp_equals_one_process(cache_dir, tmp_path, tokenizer)
     assert one.keys() == two.keys() == {1, 2, 3}
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_conversion_under_fsdp_equals_ddp(cache_dir, tmp_path, tokenizer):
+    """The same conversion (calibration, alignment, distillation) under fsdp, student and teacher sharded over 2
+    ranks, gives the ddp run's losses."""
+    from tests.train.conftest import train_losses
+    hf_dir = tmp_path / "llama"
+    save_llama(hf_dir, tokenizer.vocab_size)
+    tokenizer.save(hf_dir)
+    common = [f"checkpoint.init_from=hf:{hf_dir}", *SAME, "convert.enabled=true", "distill.enabled=true",
+              "distill.align_steps=2", "train.steps=3", "train.micro_batch_size=4"]
+    run_lctrain(cache_dir, tmp_path / "ddp", *common, nproc=2)
+    run_lctrain(cache_dir, tmp_path / "fsdp", *common, "train.engine=fsdp", nproc=2)
+    ddp, fsdp = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys() == {1, 2, 3}
+    for step in ddp:
+        assert fsdp[step] == pytest.approx(ddp[step], rel=1e-4)
+    align = [r for r in read_metrics(tmp_path / "fsdp") if r.get("stage") == "align"]
+    assert [r["step"] for r in align] == [-1, 0]

@@ -48,7 +48,7 @@ def test_identical_models_have_zero_kl():
 @pytest.mark.parametrize("overrides,message", [
     (["distill.enabled=true"], "distill.teacher: empty and checkpoint.init_from is empty"),
     (["distill.align_steps=5", "checkpoint.init_from=x"], "distill.align_steps: layer alignment needs converted"),
-    (["distill.enabled=true", "checkpoint.init_from=x", "train.engine=deepspeed"], "train.engine=ddp"),
+    (["distill.enabled=true", "checkpoint.init_from=x", "train.engine=deepspeed"], "train.engine ddp or fsdp"),
     (["distill.alpha=1.5"], "distill.alpha: 1.5 is not allowed"),
 ])
 def test_bad_distill_settings_are_one_line(overrides, message):
