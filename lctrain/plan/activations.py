@@ -9,10 +9,10 @@ by measurement (`tests/plan/test_activations.py` counts the saved tensors with `
                 4 H hd + 3 Hkv hd, + H fp32 log-sum-exp (the fused op keeps no mask and no [T, T] tensor, on
                 every backend)
   gdn           module (projections, three short convolutions with their shifted masked copies, L2 norms, gates,
-                output norm): 15 H K + 12.7 H V + 2 d + 178 H (measured coefficients of this code)
-                op, triton: q, k, v, beta, cumulative gate, two [c, c] chunk matrices, w, delta, chunk states
-                op, torch (CPU chunk path): 3.5 c + 7.875 K + 2.25 V + 1.125 K V / c per head (fitted, fp32)
-  linear        module: 10.5 H hd; op triton: q, k, v + fp32 gates; op torch: 137.75 + 7.6 hd per head (fitted)
+                output norm): 12 H K + 11 H V + 2 d + 11 H; op: its inputs q, k, v + fp32 g, beta (2 H K + H V
+                + 2 H fp32), on every backend: the op is a custom op whose backward recomputes its forward, so no
+                chunk matrices or states are kept (coefficients fitted to the saved tensors of this code)
+  linear        module: 9 H hd + H fp32; op: its inputs q, k, v (3 H hd), on every backend (fitted likewise)
   conv          (k + 5.3) x inner channels (the causal conv keeps one masked shifted copy per tap)
 
 Under sequence parallelism a layer holds T/W tokens, plus: allgather keeps every rank's K and V (W |kv|); ulysses
@@ -28,17 +28,13 @@ from lctrain.plan.comm import local_tokens
 CHUNK = 64  # tokens per chunk of the linear-family kernels (triton launch tables and the torch chunk path)
 
 
-def _op_elements(layer, backend: str, elem: int) -> float:
-    """Elements (of `elem` bytes) the recurrent op keeps per token."""
-    h, k, v, c = layer.heads, layer.key_dim, layer.value_dim, CHUNK
-    f32 = 4 / elem
+def _op_elements(layer, elem: int) -> float:
+    """Elements (of `elem` bytes) the recurrent op itself keeps per token: its inputs only, on every backend (the
+    op's backward recomputes its forward), q, k, v in the activation dtype and the gdn gates in fp32."""
+    h, k, v = layer.heads, layer.key_dim, layer.value_dim
     if layer.type == "gdn":
-        if backend == "torch":
-            return h * (3.5 * c + 7.875 * k + 2.25 * v + 1.125 * k * v / c) * f32
-        return h * (2 * k + v + f32 * (2 + 2 * c + k + v + k * v / c))
-    if backend == "torch":
-        return h * (137.75 + 7.6 * k) * f32
-    return h * (2 * k + v + f32)
+        return h * (2 * k + v + 2 * 4 / elem)
+    return h * (2 * k + v)
 
 
 def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: int = 1, attn: str = "allgather",
@@ -54,10 +50,10 @@ def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: i
         if sp > 1 and attn == "ulysses":     # the head-sharded output, beside the one sent back
             mixer += layer.heads * hd
     elif layer.type == "gdn":
-        mixer = 15 * layer.heads * layer.key_dim + 12.7 * layer.heads * layer.value_dim + 2 * d_model \
-            + 178 * layer.heads + _op_elements(layer, backend, elem)
+        mixer = 12 * layer.heads * layer.key_dim + 11 * layer.heads * layer.value_dim + 2 * d_model \
+            + 11 * layer.heads + _op_elements(layer, elem)
     elif layer.type == "linear":
-        mixer = 10.5 * layer.heads * layer.head_dim + _op_elements(layer, backend, elem)
+        mixer = 9 * layer.heads * layer.head_dim + layer.heads * f32 + _op_elements(layer, elem)
     else:
         channels, kernel = layer.convs[0]
         mixer = (kernel + 5.3) * channels

@@ -9,10 +9,13 @@
              log-sum-exp, dP = dO v^T, dV, dQ, dK): 14 H hd per visible pair, + 4 H hd with checkpointing (the
              recomputed forward). One document per sample, so a query at position t sees t + 1 keys (on average
              about T/2). The MFU numerator keeps the model count (`lctrain.models.flops`: 12 H hd per pair)
-  recurrent  the chunked kernels' matmuls, per token and head, forward (c = chunk length):
-               gdn     5 c K + 3 c V + 6 K V   (k k^T, q k^T, the WY solve's products, w S, q S, qk delta, k^T delta)
+  recurrent  the chunked kernels' matmuls, per token and head, forward (c = chunk length; counted with torch's
+             flop counter on the chunk path, rows of one document):
+               gdn     6 c K + 4 c V + 6 K V   (k k^T, q k^T, the WY solve with the chunk inverse, w S, q S,
+                                                qk delta, k^T delta)
                linear  2 c K + 2 c V + 4 K V   (q k^T, (q k^T) v, q S, k^T v)
-             x 3 for forward + backward, + 1/3 with checkpointing
+             x 4 for forward + backward: the op is a custom op whose backward recomputes its forward (1) and
+             differentiates it (2); + 1 with checkpointing (the block's recomputed forward runs the op once more)
 Under sequence parallelism a GPU holds T/W tokens. The SP attention skips the blocks no query can see (host
 metadata), so a rank's attention work is its queries' visible pairs: zigzag balances it, contiguous gives the last
 rank (the one the step waits for) queries that see the whole prefix; ulysses computes H/W heads over the whole
@@ -35,7 +38,7 @@ def recurrent_flops_per_token(layer) -> float:
     """Forward FLOPs of the recurrent op per token (all heads)."""
     c, k, v = CHUNK, layer.key_dim, layer.value_dim
     if layer.type == "gdn":
-        return layer.heads * (5 * c * k + 3 * c * v + 6 * k * v)
+        return layer.heads * (6 * c * k + 4 * c * v + 6 * k * v)
     if layer.type == "linear":
         return layer.heads * (2 * c * k + 2 * c * v + 4 * k * v)
     return 0.0
@@ -56,7 +59,7 @@ def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, c
     """FLOPs of one micro-batch's forward + backward on the busiest GPU, by family. `causal=False` counts every
     query-key pair."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
-    recompute = 4 / 3 if checkpointing else 1.0
+    passes = 5 if checkpointing else 4   # forwards: the step's, the op backward's (+ the checkpoint's); backward 2
     head = shape.vocab_size * shape.d_model
     layer_params = shape.matmul_params - head
     recomputed = layer_params - len(shape.layers) * shape.d_model * shape.ffn_dim if checkpointing else 0
@@ -65,6 +68,5 @@ def flops_per_micro_step(shape, rows: int, seq_len: int, sp: int, layout: str, c
     per_pair = 18 if checkpointing else 14
     attention = sum(count * tokens * per_pair * layer.heads * layer.head_dim * keys for layer, count
                     in shape.grouped() if layer.type == "attn")
-    recurrent = sum(count * tokens * 3 * recurrent_flops_per_token(layer) for layer, count in shape.grouped()) \
-        * recompute
+    recurrent = sum(count * tokens * passes * recurrent_flops_per_token(layer) for layer, count in shape.grouped())
     return {"matmul": matmul, "attention": attention, "recurrent": recurrent}
