@@ -4,8 +4,9 @@
 
 Memory: planned peak vs the peak of live tensors that torch's MemTracker measures over a real training step
 (forward, backward, AdamW) for the configurations of `tests/plan/memory_cases.py`. FLOPs: planned vs
-`torch.utils.flop_counter` over one forward + backward of the model (matmul + recurrent families: the fused
-attention op is opaque to the counter) and, for the attention family, over the op's torch path run directly
+`torch.utils.flop_counter` over one forward + backward of the model (matmul + recurrent families; the recurrent
+custom ops are run through their implementations so the counter sees their matmuls, the fused attention op is
+opaque to it) and, for the attention family, over the op's torch path run directly
 (`tests/plan/test_flops.py`).
 Communication needs no table: `tests/plan/test_comm_bytes.py` asserts equality with the gloo-counted bytes.
 """
@@ -34,6 +35,7 @@ from lctrain.plan.shape import model_shape  # noqa: E402
 from tests.plan.measure import measured_peak_bytes  # noqa: E402
 from tests.plan.memory_cases import CONFIGS  # noqa: E402
 from tests.plan.test_flops import CASES as FLOP_CASES  # noqa: E402
+from tests.plan.kernel_ops import IntoKernelOps  # noqa: E402
 from tests.plan.test_flops import ROWS, SEQ_LEN, _addmm_flops  # noqa: E402
 from tests.plan.test_memory import planned_peak_bytes  # noqa: E402
 
@@ -44,7 +46,8 @@ def counted_flops(overrides, checkpointing):
     torch.manual_seed(0)
     model = LanguageModel(cfg.model).train()
     ids = torch.randint(0, cfg.model.vocab_size, (ROWS, SEQ_LEN))
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter, \
+            IntoKernelOps():
         model(ids, torch.arange(SEQ_LEN).expand(ROWS, SEQ_LEN), labels=ids).loss_sum.backward()
     planned = flops_per_micro_step(model_shape(cfg), ROWS, SEQ_LEN, 1, "contiguous", checkpointing)
     return counter.get_total_flops(), planned["matmul"] + planned["recurrent"]

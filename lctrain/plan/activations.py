@@ -102,3 +102,30 @@ def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str,
             inputs = layer.convs[0][0] * elem
         widest = max(widest, inputs)
     return int(tokens * (2 * shape.d_model * elem + widest))
+
+
+def op_backward_elements(layer, backend: str) -> float:
+    """fp32 elements per token the recurrent op's backward holds beyond its inputs' gradients: the forward it
+    recomputes under autograd keeps its chunk tensors until differentiated. torch (CPU chunk path): measured with
+    MemTracker inside the op, fitted within 10% (c = chunk length); triton: the Triton function's saved set (two
+    [c, c] chunk matrices, w, delta, the gates and the chunk states), read off the code."""
+    h, k, v, c = layer.heads, layer.key_dim, layer.value_dim, CHUNK
+    if layer.type == "gdn":
+        return h * ((6.5 * c + 6.25 * k + 7.3 * v) if backend == "torch" else (2 + 2 * c + k + v + k * v / c))
+    if layer.type == "linear":
+        return h * ((2 * c + 16.2 * k) if backend == "torch" else 1)
+    return 0.0
+
+
+def op_backward_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn: str, elem: int,
+                      checkpointing: bool, backend: str) -> int:
+    """Bytes the peak gains over the forward's end while a recurrent op runs backward. Backward walks the blocks
+    from the last: when block i's op recomputes, the blocks above have freed their saved tensors. With
+    checkpointing the recomputed block's set is already counted, so the op's transient adds in full."""
+    tokens = rows * local_tokens(seq_len, sp, layout)[0]
+    freed, extra = 0.0, 0.0
+    for layer in reversed(shape.layers):
+        transient = tokens * 4 * op_backward_elements(layer, backend)
+        extra = max(extra, transient - (0 if checkpointing else freed))
+        freed += tokens * elem * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len)
+    return int(extra)

@@ -3,7 +3,8 @@
 Peak model (bytes): states + max(forward end, optimizer step), where
   states       = parameters + optimizer state (+ gradient buckets / gathered blocks the engine keeps)
   forward end  = saved activations (with checkpointing: block inputs + one recomputed block) + the first
-                 block's backward gradient buffers + the fused loss's chunk of logits and the hidden / head gradients
+                 block's backward gradient buffers + what a recurrent op's backward recomputes (its chunk tensors,
+                 beyond the blocks above it already freed) + the fused loss's chunk of logits and the hidden / head gradients
                  it forms in forward + SP buffers in flight
                  (+ gradients already accumulated when there is gradient accumulation)
   optimizer    = gradients + one fp32 temporary the size of the local parameters (foreach AdamW)
@@ -22,7 +23,7 @@ Engines (n parameters, N = dp x sp ranks sharing the states, mixed precision = f
 from __future__ import annotations
 
 from lctrain.models.loss import loss_chunk_size
-from lctrain.plan.activations import activation_bytes, backward_working_bytes
+from lctrain.plan.activations import activation_bytes, backward_working_bytes, op_backward_bytes
 from lctrain.plan.candidate import Candidate, Workload
 from lctrain.plan.comm import grad_accum, local_tokens
 
@@ -91,6 +92,8 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
                            work.dtype_bytes, cand.activation_checkpointing, work.backend)
     working = 0 if cand.activation_checkpointing else backward_working_bytes(
         shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, work.dtype_bytes)
+    recurrent_op = op_backward_bytes(shape, cand.micro_batch_size, work.seq_len, cand.sp, cand.layout, cand.attn,
+                                     work.dtype_bytes, cand.activation_checkpointing, work.backend)
     tokens = cand.micro_batch_size * local_tokens(work.seq_len, cand.sp, cand.layout)[0]
     # the fused cross-entropy: one chunk's fp32 logits, turned into their gradient in place (+ the bf16 logits
     # before the fp32 copy and the gradient's bf16 copy under mixed precision); the hidden-state and head-weight
@@ -100,12 +103,12 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
     loss_gradients = tokens * shape.d_model * work.dtype_bytes + shape.vocab_size * shape.d_model * 4
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
-    forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated
+    forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated + recurrent_op
     optimizer_step = states["grads"] + 4 * shape.n_params // (cand.world if cand.engine != "ddp" else 1)
     fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
     peak = fixed + max(forward_end, optimizer_step)
     return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": v for k, v in act.items()},
-            "backward_working": int(working), "logits": int(logits),
+            "backward_working": int(working), "recurrent_op_backward": int(recurrent_op), "logits": int(logits),
             "loss_gradients": int(loss_gradients), "sp_buffers": int(sp_buffers),
             "peak_tensor_bytes": int(peak),
             "total_gib": (peak * (1 + ALLOCATOR_MARGIN)) / GiB + CONTEXT_GIB}

@@ -3,7 +3,7 @@
 Whole model: the counter sees the matmuls of the projections, the fused LM head / cross-entropy (its in-place
 `addmm_` for the head-weight gradient is given the `addmm` formula, which the counter lacks for the in-place op) and
 the chunked linear-attention paths. The kernel ops are `torch.library` custom ops, which a dispatch mode sees as one
-call with no formula; `_IntoKernelOps` runs the recurrent ops' registered implementations (forward, and the backward
+call with no formula; `IntoKernelOps` runs the recurrent ops' registered implementations (forward, and the backward
 that recomputes the forward and differentiates it) with the counter still active below, so their matmuls are
 counted as they run. The fused attention op is checked on its own: its torch path (`blockwise_forward` /
 `_backward`, plain torch matmuls) run directly under the counter.
@@ -12,8 +12,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch._library.custom_ops import _maybe_get_opdef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lctrain.config import load_config
@@ -21,6 +19,7 @@ from lctrain.models import LanguageModel
 from lctrain.models.flops import flops_per_token
 from lctrain.plan.compute import flops_per_micro_step, model_flops_per_token
 from lctrain.plan.shape import model_shape
+from tests.plan.kernel_ops import IntoKernelOps
 
 BASE = ["model.vocab_size=512", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=320",
         "model.loss_chunk_tokens=256", "model.n_layers=4"]
@@ -29,20 +28,6 @@ CASES = {"attention": (BASE + ["model.pattern=A"], False),
          "hybrid_3to1_checkpointed": (BASE + ["model.pattern=GGGA"], True),
          "linear": (BASE + ["model.pattern=LLLA"], False)}
 ROWS, SEQ_LEN = 2, 512
-
-
-RECURRENT_OPS = ("gated_delta_rule", "linear_attention")
-
-
-class _IntoKernelOps(TorchDispatchMode):
-    """Entered inside a FlopCounterMode: calls the recurrent custom ops' Python implementations in place of the
-    opaque op, so the aten ops inside reach the counter."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        opdef = _maybe_get_opdef(func) if func.namespace == "lctrain" else None
-        if opdef is not None and func._opname.removesuffix("_backward") in RECURRENT_OPS:
-            return opdef._init_fn(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
@@ -60,7 +45,7 @@ def test_planned_flops_within_5_percent_of_flop_counter(name):
     ids = torch.randint(0, cfg.model.vocab_size, (ROWS, SEQ_LEN))
     positions = torch.arange(SEQ_LEN).expand(ROWS, SEQ_LEN)
     with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops}) as counter, \
-            _IntoKernelOps():
+            IntoKernelOps():
         model(ids, positions, labels=ids).loss_sum.backward()
     counted = counter.get_total_flops()
     planned = flops_per_micro_step(model_shape(cfg), ROWS, SEQ_LEN, 1, "contiguous", checkpointing)
