@@ -3,9 +3,9 @@
 Peak model (bytes): states + max(forward end, optimizer step), where
   states       = parameters + optimizer state (+ gradient buckets / gathered blocks the engine keeps)
   forward end  = saved activations (with checkpointing: block inputs + one recomputed block) + the first
-                 block's backward gradient buffers + what a recurrent op's backward recomputes (its chunk tensors,
-                 beyond the blocks above it already freed) + the fused loss's chunk of logits and the hidden / head gradients
-                 it forms in forward + SP buffers in flight
+                 block's backward gradient buffers + what a recurrent op's backward recomputes (its chunk
+                 tensors, beyond the blocks above it already freed) + the fused loss's chunk of logits and the
+                 hidden / head gradients it forms in forward + SP buffers in flight
                  (+ gradients already accumulated when there is gradient accumulation)
   optimizer    = gradients + one fp32 temporary the size of the local parameters (foreach AdamW)
 On a GPU the allocator needs room beyond the tensors' peak: `ALLOCATOR_MARGIN` of it for fragmentation and
