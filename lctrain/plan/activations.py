@@ -120,12 +120,14 @@ def op_backward_elements(layer, backend: str) -> float:
 def op_backward_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn: str, elem: int,
                       checkpointing: bool, backend: str) -> int:
     """Bytes the peak gains over the forward's end while a recurrent op runs backward. Backward walks the blocks
-    from the last: when block i's op recomputes, the blocks above have freed their saved tensors. With
-    checkpointing the recomputed block's set is already counted, so the op's transient adds in full."""
+    from the last: when block i's op recomputes, the blocks above have freed their saved tensors (not so with
+    checkpointing, where only block i's set is counted), and so has block i's own MLP (4 ffn + 2 d) and the
+    mixer's tensors after the op (output norm, gate and their product, the output projection's input: 4 H V)."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     freed, extra = 0.0, 0.0
     for layer in reversed(shape.layers):
         transient = tokens * 4 * op_backward_elements(layer, backend)
-        extra = max(extra, transient - (0 if checkpointing else freed))
+        own = tokens * elem * (4 * shape.ffn_dim + 2 * shape.d_model + 4 * layer.heads * layer.value_dim)
+        extra = max(extra, transient - own - (0 if checkpointing else freed))
         freed += tokens * elem * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len)
     return int(extra)
