@@ -26,7 +26,8 @@ def run_ds(cache_dir, run, *overrides, timeout=300):
     return run_lctrain(cache_dir, run, *STEPS, "train.engine=deepspeed", *overrides, nproc=2, timeout=timeout)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-3 (partitioned parameters, the hardest case) runs by default; stages 1 and 2 with -m slow
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stage_trains_and_resumes_bit_identically(cache_dir, tmp_path, stage):
     zero = f"deepspeed.zero_stage={stage}"
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -8,7 +8,14 @@ from tests.parallel.harness import assert_case
 CASE_MODULE = "tests.parallel.cases_attention"
 
 
-@pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.parametrize("case", sorted(cases_attention.CASES))
+def _params():
+    """Every case on 2 and 4 processes; the bf16 cases on 4 processes (slowest, same code as on 2) with -m slow."""
+    for case in sorted(cases_attention.CASES):
+        for world in WORLD_SIZES:
+            slow = "bf16" in case and world == 4
+            yield pytest.param(case, world, marks=pytest.mark.slow) if slow else (case, world)
+
+
+@pytest.mark.parametrize("case,world", _params())
 def test_attention(sp_report, world, case):
     assert_case(sp_report, world, CASE_MODULE, case)

@@ -6,7 +6,10 @@ from tests.train.conftest import run_lctrain, train_losses
 SP_MODEL = ["model.n_heads=4", "model.n_kv_heads=4", "model.pattern=GGGA", "model.n_layers=4", "train.steps=3",
             "checkpoint.interval=0", "train.eval_batches=0"]
 
-COMBOS = [(attn, layout) for attn in ("allgather", "ring", "ulysses") for layout in ("contiguous", "zigzag")]
+# Every mode once by default (ring with zigzag: the layout it is used with); the other combinations with -m slow.
+DEFAULT = {("allgather", "contiguous"), ("ring", "zigzag"), ("ulysses", "contiguous")}
+COMBOS = [(attn, layout) if (attn, layout) in DEFAULT else pytest.param(attn, layout, marks=pytest.mark.slow)
+          for attn in ("allgather", "ring", "ulysses") for layout in ("contiguous", "zigzag")]
 
 
 @pytest.fixture(scope="module")
