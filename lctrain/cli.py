@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from lctrain.cli_args import find_recipe
 from lctrain.config import ConfigError, load_config
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SUBCOMMANDS = {}  # name -> callable(argv) -> int; filled by subpackages that add commands
 
 
@@ -53,18 +53,6 @@ def _prepare(argv: list[str]) -> int:
 
 
 SUBCOMMANDS["prepare"] = _prepare
-
-
-def find_recipe(name: str) -> Path:
-    """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) if RECIPES_DIR.is_dir() else "none"
-    raise ConfigError(f"recipe: file not found: {name} (shipped recipes: {known})")
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:

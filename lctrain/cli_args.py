@@ -3,6 +3,7 @@ one-line `ConfigError` (exit code 2) instead of argparse's usage text."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lctrain.config import ConfigError
 
@@ -64,3 +65,18 @@ def float_list(text: str) -> list[float]:
     if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected numbers, e.g. 0,0.5,1")
     return values
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(name: str) -> Path:
+    """A path, or the name of a recipe shipped in recipes/ (`tiny`, `tiny.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) if RECIPES_DIR.is_dir() else "none"
+    raise ConfigError(f"recipe: file not found: {name} (shipped recipes: {known})")

@@ -43,9 +43,9 @@ def open_dataset(name: str, config: str, split: str, key: str):
     return ds
 
 
-def plan_hf_shards(source_config, key: str) -> list:
-    from lctrain.data.shards import Shard
-
+def plan_hf_pieces(source_config, key: str) -> list[tuple[int, int, int, str]]:
+    """The dataset's shards as (first row, end row, estimated bytes, content hash); `lctrain.data.shards` makes
+    them `Shard`s."""
     c = source_config
     ds = open_dataset(c.name, c.config, c.split, key)
     if c.field not in ds.column_names:
@@ -58,13 +58,12 @@ def plan_hf_shards(source_config, key: str) -> list:
     fingerprint = getattr(ds, "_fingerprint", "") or c.name
     n = len(ds)
     per_row = max(1, ds.data.nbytes // max(n, 1))
-    shards = []
+    pieces = []
     for start in range(0, n, HF_SHARD_ROWS):
         end = min(n, start + HF_SHARD_ROWS)
         content = hashlib.blake2b(f"{fingerprint}:{start}:{end}".encode(), digest_size=16).hexdigest()
-        shards.append(Shard(key, "hf", c.field, (c.name,), start, end, size=per_row * (end - start),
-                            content=content, hf=(c.config, c.split)))
-    return shards
+        pieces.append((start, end, per_row * (end - start), content))
+    return pieces
 
 
 def iter_rows(shard, on_bad: str, stats):

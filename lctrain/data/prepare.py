@@ -25,7 +25,7 @@ def parse_share(text: str) -> tuple[int, int]:
 
 
 def prepare_main(argv: list[str]) -> int:
-    from lctrain.cli import find_recipe
+    from lctrain.cli_args import find_recipe
     from lctrain.data.build import prepare_shards
     from lctrain.data.parallel_build import default_workers
     from lctrain.data.sources import build_sources

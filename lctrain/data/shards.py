@@ -119,8 +119,9 @@ def plan_shards(config: SourceConfig, key: str, files: list[Path], max_documents
     """The source's shards in document order (content hashes not yet filled in: see `hash_shards`)."""
     kind = config.type
     if kind == "hf":
-        from lctrain.data.hf_source import plan_hf_shards
-        return plan_hf_shards(config, key)
+        from lctrain.data.hf_source import plan_hf_pieces
+        return [Shard(key, "hf", config.field, (config.name,), start, end, size=size, content=content,
+                      hf=(config.config, config.split)) for start, end, size, content in plan_hf_pieces(config, key)]
     if kind == "stdlib":
         return _groups(kind, key, "", [str(p) for p in stdlib_source.stdlib_files(max_documents)])
     shards: list[Shard] = []

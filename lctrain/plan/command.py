@@ -25,7 +25,7 @@ def plan_main(argv: list[str]) -> int:
         raise ConfigError(f"plan: --gpus must be a positive integer, got {args.gpus}")
     if args.gpus_per_node < 1:
         raise ConfigError(f"plan: --gpus-per-node must be a positive integer, got {args.gpus_per_node}")
-    from lctrain.cli import find_recipe
+    from lctrain.cli_args import find_recipe
     from lctrain.plan.report import format_plan, write_json
     from lctrain.plan.search import plan
     cfg = load_config(find_recipe(args.recipe), args.overrides)

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from lctrain.train.rng import rng_state, set_rng_state  # noqa: F401  (re-exported for callers)
 
 from lctrain.config import ConfigError
 from lctrain.train.checkpoint_select import (LATEST, CheckpointError, Selection, latest_hint, newest_first, select,
@@ -57,30 +57,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -387,7 +363,6 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
     except FileNotFoundError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if weights.name == "adapter.safetensors":
-        from lctrain.train.lora import load_merged
         load_merged(model, weights)
         return
     try:
@@ -398,3 +373,29 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
             load_model_weights(model, weights)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """Base weights named by adapter.json, then the adapters, merged: a plain model equal to the adapter model."""
+    from lctrain.config import LoraConfig
+    from lctrain.train.lora import ADAPTER_META, apply_lora, load_adapter, merge_lora, read_meta
+
+    meta = read_meta(adapter)
+    load_weights(model, meta["base"], where=f"{adapter.parent / ADAPTER_META}: base")
+    settings = LoraConfig(enabled=True, r=int(meta["r"]), alpha=float(meta["alpha"]),
+                          dropout=float(meta["dropout"]), target_modules=list(meta["target_modules"]),
+                          trainable=list(meta["trainable"]))
+    apply_lora(model, settings)
+    load_adapter(model, adapter)
+    return merge_lora(model)
+
+
+def describe_base(source: str) -> str:
+    """The base as stored in adapter.json: `hf:` paths and run paths made absolute, so a checkpoint still finds
+    its base when read from another working directory."""
+    if source.startswith("hf:"):
+        return "hf:" + os.path.abspath(source[3:])
+    try:
+        return str(resolve_weights(source).resolve())
+    except FileNotFoundError:
+        return os.path.abspath(source)

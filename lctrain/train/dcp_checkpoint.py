@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lctrain.train.checkpoint import rng_state, set_rng_state
+from lctrain.train.rng import rng_state, set_rng_state
 
 DCP_DIR = "dcp"  # inside step-<N>/
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"

@@ -24,10 +24,21 @@ from safetensors.torch import save_file
 
 from lctrain.config import ConfigError, DeepSpeedConfig
 from lctrain.train.checkpoint import _model_tensors
-from lctrain.train.engine import expected_accelerator
 from lctrain.train.optim import build_optimizer, build_scheduler
 
 TAG = "deepspeed"  # the sub-directory of a checkpoint holding DeepSpeed's files
+
+
+def expected_accelerator(device: torch.device) -> str:
+    """`cuda` or `cpu` for DS_ACCELERATOR, from the device this process actually got. GPUs that are present but
+    unusable are an error, never a quiet fall-back to CPU training (DS_ACCELERATOR=cpu opts in to CPU)."""
+    if device.type == "cuda":
+        return "cuda"
+    chosen = os.environ.get("DS_ACCELERATOR")
+    if chosen == "cuda" or (chosen != "cpu" and Path("/dev/nvidia0").exists()):
+        raise RuntimeError("GPUs are expected but CUDA is not usable by torch (check the driver and the torch "
+                           "build); set DS_ACCELERATOR=cpu to train on the CPU on purpose")
+    return "cpu"
 
 
 def import_deepspeed(device: torch.device):

@@ -26,7 +26,8 @@ def saved_world_size(path: Path) -> int | None:
 
 def load_resized(path: Path, engine, rank: int, world_size: int) -> tuple[dict, dict]:
     """(trainer_state, data_state) of checkpoint `path` written by another world size, restored into `engine`."""
-    from lctrain.train.checkpoint import load_model_weights, set_rng_state
+    from lctrain.train.checkpoint import load_model_weights
+    from lctrain.train.rng import set_rng_state
 
     path = Path(path)
     saved = saved_world_size(path)

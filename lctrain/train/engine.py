@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -85,15 +84,3 @@ class DDPEngine:
             raise ConfigError(f"checkpoint {path} was written by the deepspeed engine; resume with "
                               "train.engine=deepspeed (or start a new run with checkpoint.init_from)")
         return ckpt.load(path, self.module, self.optimizer)
-
-
-def expected_accelerator(device: torch.device) -> str:
-    """`cuda` or `cpu` for DS_ACCELERATOR, from the device this process actually got. GPUs that are present but
-    unusable are an error, never a quiet fall-back to CPU training (DS_ACCELERATOR=cpu opts in to CPU)."""
-    if device.type == "cuda":
-        return "cuda"
-    chosen = os.environ.get("DS_ACCELERATOR")
-    if chosen == "cuda" or (chosen != "cpu" and Path("/dev/nvidia0").exists()):
-        raise RuntimeError("GPUs are expected but CUDA is not usable by torch (check the driver and the torch "
-                           "build); set DS_ACCELERATOR=cpu to train on the CPU on purpose")
-    return "cpu"

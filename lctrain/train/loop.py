@@ -113,7 +113,8 @@ class Trainer:
     def _init_from(self, source: str) -> None:
         load_weights(self.model, source)  # hf:PATH, a run, a checkpoint (a LoRA one merged with its base)
         if self.cfg.lora.enabled:  # adapters after the base weights: LoRA B = 0 leaves the model unchanged
-            from lctrain.train.lora import apply_lora, describe_base
+            from lctrain.train.checkpoint import describe_base
+            from lctrain.train.lora import apply_lora
             self.model = apply_lora(self.model, self.cfg.lora)
             self.model._lora_base = describe_base(source)
 

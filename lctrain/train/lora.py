@@ -3,13 +3,12 @@
 a small fraction of the weights and unfrozen).
 
 A LoRA run's checkpoints hold only what is trained (`adapter.safetensors`) and `adapter.json`, which names the
-base weights; `load_merged` rebuilds the base, loads the adapters and folds them into plain `nn.Linear` weights,
+base weights; `lctrain.train.checkpoint.load_merged` rebuilds the base, loads the adapters and folds them into plain `nn.Linear` weights,
 so export, evaluation and `init_from` see an ordinary model.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -102,30 +101,3 @@ def read_meta(adapter: Path) -> dict:
         return json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"checkpoint {adapter.parent}: unreadable {ADAPTER_META} ({exc})") from None
-
-
-def load_merged(model: nn.Module, adapter: Path) -> nn.Module:
-    """Base weights named by adapter.json, then the adapters, merged: a plain model equal to the adapter model."""
-    from lctrain.train.checkpoint import load_weights
-
-    meta = read_meta(adapter)
-    load_weights(model, meta["base"], where=f"{adapter.parent / ADAPTER_META}: base")
-    settings = LoraConfig(enabled=True, r=int(meta["r"]), alpha=float(meta["alpha"]),
-                          dropout=float(meta["dropout"]), target_modules=list(meta["target_modules"]),
-                          trainable=list(meta["trainable"]))
-    apply_lora(model, settings)
-    load_adapter(model, adapter)
-    return merge_lora(model)
-
-
-def describe_base(source: str) -> str:
-    """The base as stored in adapter.json: `hf:` paths and run paths made absolute, so a checkpoint still finds
-    its base when read from another working directory."""
-    if source.startswith("hf:"):
-        return "hf:" + os.path.abspath(source[3:])
-    from lctrain.train.checkpoint import resolve_weights
-
-    try:
-        return str(resolve_weights(source).resolve())
-    except FileNotFoundError:
-        return os.path.abspath(source)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from lctrain.cli import find_recipe, main
+from lctrain.cli import main
+from lctrain.cli_args import find_recipe
 from lctrain.config import load_config
 from lctrain.plan.candidate import Candidate, Workload
 from lctrain.plan.comm import sp_bytes_per_step
