@@ -15,13 +15,12 @@ after the engine's mean over data-parallel ranks the gradient is exactly d(sum o
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
 
 from lctrain.config import ConfigError
-from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def build_engine(module: torch.nn.Module, cfg, env, layout):
@@ -67,14 +66,7 @@ class DDPEngine:
         (loss_sum * scale).backward()
 
     def step(self, loss: float) -> tuple[float, bool]:
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        applied = math.isfinite(loss) and math.isfinite(grad_norm)
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return grad_norm, applied
+        return clip_and_step(self.params, self.optimizer, self.scheduler, self.cfg.train.grad_clip, loss)
 
     def save(self, ckpt, step: int, trainer_state: dict, data_state: dict, config_yaml: str, barrier) -> Path:
         return ckpt.save(step, self.module, self.optimizer, trainer_state, data_state, config_yaml, barrier)

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from lctrain.config import ConfigError
 from lctrain.train.dcp_checkpoint import DCP_DIR, ShardedSaver, is_sharded_checkpoint, load_training_state
 from lctrain.train.meta_init import blueprint_of, materialize
-from lctrain.train.optim import build_optimizer, build_scheduler
+from lctrain.train.optim import build_optimizer, build_scheduler, clip_and_step
 
 
 def ensure_process_group(env) -> None:
@@ -106,15 +104,7 @@ class FSDPEngine:
 
     def step(self, loss: float) -> tuple[float, bool]:
         """Clip by the norm over all shards (DTensor norms reduce across the mesh), skip non-finite steps."""
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        applied = math.isfinite(loss) and math.isfinite(grad_norm)
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return grad_norm, applied
+        return clip_and_step(self.params, self.optimizer, self.scheduler, self.cfg.train.grad_clip, loss)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self, ckpt, step: int, trainer_state: dict, data_state: dict, config_yaml: str, barrier) -> Path:

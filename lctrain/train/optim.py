@@ -48,3 +48,18 @@ def lr_factor(step: int, train_cfg) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train_cfg))
+
+
+def clip_and_step(params, optimizer, scheduler, grad_clip: float, loss: float) -> tuple[float, bool]:
+    """Clip the gradients to `grad_clip` (0: no clipping, the norm is still measured; a sharded DTensor norm is
+    reduced across its mesh), apply the update unless the loss or the norm is non-finite, advance the schedule.
+    Returns (grad_norm, applied)."""
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, applied
