@@ -7,7 +7,7 @@ import torch
 from lctrain.config import load_config
 from lctrain.models import LanguageModel
 from lctrain.train.optim import build_optimizer
-from tests.plan.kernel_ops import IntoKernelOps
+from tests.plan.kernel_ops import RECURRENT_OPS, IntoKernelOps
 
 
 def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 0) -> dict:
@@ -17,8 +17,10 @@ def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 
     return {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": positions}
 
 
-def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int) -> int:
-    """Peak bytes of live tensors over the second of two fp32 training steps (optimizer state exists then)."""
+def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int,
+                        kernel_ops: tuple = RECURRENT_OPS) -> int:
+    """Peak bytes of live tensors over the second of two fp32 training steps (optimizer state exists then);
+    allocations inside the `kernel_ops` count."""
     from torch.distributed._tools.mem_tracker import MemTracker
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
@@ -34,7 +36,7 @@ def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: 
     step()
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
-    with tracker, IntoKernelOps():  # the recurrent ops' inner tensors count, as they do on a device
+    with tracker, IntoKernelOps(kernel_ops):  # the recurrent ops' inner tensors count, as they do on a device
         step()
     peak = tracker.get_tracker_snapshot("peak")
     return int(sum(v["Total"] for v in peak.values()))
