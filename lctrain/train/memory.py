@@ -209,11 +209,15 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
 
 
 def peak_memory_line(cfg, model, world: int, device_type: str) -> str:
-    """`--dry-run`'s line for `peak_memory_estimate` (MiB: small models too show a number to compare)."""
+    """`--dry-run`'s line for `peak_memory_estimate` (in MiB, so small models show a number to compare). A dry run
+    on fewer processes than one sequence-parallel group plans for one whole group."""
+    sp = cfg.parallel.sp
+    world = -(-max(world, 1) // sp) * sp
     est = peak_memory_estimate(cfg, model, world, device_type)
     work = run_workload(cfg, _device_type(device_type))
     mib = {k: v / 2**20 for k, v in est.items()}
     how = f"{'bf16 autocast' if work.mixed_precision else 'fp32'}, {work.backend} kernels"
-    return (f"peak memory (estimate, per process, {how}): {mib['peak']:.1f} MiB = weights and optimizer state "
+    return (f"peak memory (estimate, per process, {how}): {mib['peak']:.1f} MiB ({mib['peak'] / 1024:.2f} GiB, "
+            f"{cfg.train.engine} on {world} process{'es' if world > 1 else ''}) = weights and optimizer state "
             f"{mib['states']:.1f} + max(activations, loss and backward buffers {mib['forward_end']:.1f}, "
             f"gradients and optimizer step {mib['optimizer_step']:.1f})")
