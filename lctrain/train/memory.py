@@ -167,12 +167,12 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
             return tokens * elem * plan_act.layer_elements(layer, d, ffn, elem, work.backend, cand.sp, cand.attn,
                                                            work.seq_len) \
                 + plan_act.lasp2_state_bytes(layer, cand.micro_batch_size, cand.sp, cand.layout)
-        return tokens * elem * (4 * d + 4 * ffn + 2 * 4 / elem + mixer_memory.mixer_elements(block.mixer, d, elem))
+        return tokens * elem * (plan_act.block_elements(d, ffn, elem) + mixer_memory.mixer_elements(block.mixer, d, elem))
 
     per_layer = [saved(b, p) for b, p in zip(model.layers, planned)]
     act = plan_act.activation_bytes(dataclasses.replace(shape, layers=()), cand.micro_batch_size, work.seq_len,
                                     cand.sp, cand.layout, cand.attn, elem, False, work.backend)
-    act["layers"] = len(per_layer) * tokens * d * elem if ckpt else int(sum(per_layer))
+    act["layers"] = len(per_layer) * tokens * d * plan_act.residual_bytes(elem) if ckpt else int(sum(per_layer))
     act["recompute"] = int(max(per_layer)) if ckpt else 0
     working = 0
     if not ckpt:  # the residual stream's gradient and the widest op's input gradients (planner's rule)
@@ -182,8 +182,9 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
                 widest = max(widest, mixer_memory.op_input_elements(block.mixer, d) * elem)
             else:
                 one = dataclasses.replace(shape, layers=(layer,), layer_groups=())
-                widest = max(widest, plan_act.backward_working_bytes(one, 1, 1, 1, "contiguous", elem) - 2 * d * elem)
-        working = int(tokens * (2 * d * elem + widest))
+                widest = max(widest, plan_act.backward_working_bytes(one, 1, 1, 1, "contiguous", elem)
+                             - 2 * d * plan_act.residual_bytes(elem))
+        working = int(tokens * (2 * d * plan_act.residual_bytes(elem) + widest))
     recurrent, freed = 0.0, 0.0  # an op's backward recomputes its forward once the blocks above freed theirs
     for block, layer, size in reversed(list(zip(model.layers, planned, per_layer))):
         if layer is None:
@@ -196,7 +197,7 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
         freed += size
     chunk = loss_chunk_size(shape.loss_chunk_tokens, tokens, vocab)
     logits = chunk * vocab * (4 + (elem if work.mixed_precision else 0))
-    loss_gradients = tokens * d * elem + vocab * d * 4
+    loss_gradients = tokens * d * plan_act.residual_bytes(elem) + vocab * d * 4
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
     forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated + int(recurrent)

@@ -14,6 +14,10 @@ backend, so no `[H, T, T]` tensor and no per-chunk state is kept between forward
             branch; fitted per variant as a x inner + b x d (inner = H hd): mal 10.2 / 2.5, mag 20 / 2.3,
             mac 30.4 / 6.3 (segment_len 64, 4 persistent tokens; the MLP memory is counted as the linear one)
 
+Under bf16 autocast the residual stream stays fp32 (`lctrain.plan.activations.block_elements`) and each
+projection keeps its own bf16 copy of the normed input (`AUTOCAST`; fitted to the saved tensors under CPU
+autocast within 7%).
+
 `op_backward_elements` is what an op's backward holds beyond its inputs' gradients while it recomputes its
 forward under autograd, in fp32 elements per token. The CPU chunk paths were measured with MemTracker inside the
 op (one document per row, the largest case; fitted within 6%): based H (3.3 F' + 1.35 F' (V + 1) / 64 + 365)
@@ -25,6 +29,9 @@ from __future__ import annotations
 
 TAYLOR_CHUNK = 64  # the taylor op's chunk on the torch path
 TITANS = {"mal": (10.2, 2.5), "mag": (20.0, 2.3), "mac": (30.4, 6.3)}
+# d-sized tensors more under bf16 autocast: a bf16 copy of the normed input per projection reading it (3 for
+# the softmax mixers and based), and titans' fp32 memory-side tensors beside them (fitted per variant)
+AUTOCAST = {"swa": 3, "landmark": 3, "based": 3, "mal": 3.3, "mag": 6.9, "mac": 6.9}
 
 
 def mixer_elements(mixer, d_model: int, elem: int) -> float:
@@ -32,16 +39,17 @@ def mixer_elements(mixer, d_model: int, elem: int) -> float:
     types (registered later, unknown here) get 8 d, the older rough count."""
     f32 = 4 / elem
     kind = getattr(mixer, "mixer_type", "")
+    autocast = AUTOCAST.get(mixer.variant if kind == "titans" else kind, 0) * d_model if elem < 4 else 0
     if kind == "swa":
         return 4 * mixer.n_heads * mixer.head_dim + 2 * mixer.n_kv_heads * mixer.head_dim \
-            + (2 * mixer.head_dim + mixer.n_heads) * f32
+            + (2 * mixer.head_dim + mixer.n_heads) * f32 + autocast
     if kind == "landmark":
-        return 6 * mixer.n_heads * mixer.head_dim + 2 * mixer.head_dim * f32
+        return 6 * mixer.n_heads * mixer.head_dim + 2 * mixer.head_dim * f32 + autocast
     if kind == "based":
-        return 2 * mixer.n_heads * mixer.feature_dim + 4 * mixer.n_heads * mixer.head_dim
+        return 2 * mixer.n_heads * mixer.feature_dim + 4 * mixer.n_heads * mixer.head_dim + autocast
     if kind == "titans":
         a, b = TITANS[mixer.variant]
-        return a * mixer.n_heads * mixer.head_dim + b * d_model
+        return a * mixer.n_heads * mixer.head_dim + b * d_model + autocast
     return 8.0 * d_model
 
 
