@@ -70,7 +70,8 @@ def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: i
             mixer += layer.heads * hd
     elif layer.type == "gdn":  # (+ the L2 norms' and output norm's fp32 tensors under autocast)
         mixer = 12 * layer.heads * layer.key_dim + 11 * layer.heads * layer.value_dim + 2 * d_model \
-            + 11 * layer.heads + _op_elements(layer, elem) + 2 * (f32 - 1) * layer.heads * (layer.key_dim + layer.value_dim)
+            + 11 * layer.heads + _op_elements(layer, elem) \
+            + 2 * (f32 - 1) * layer.heads * (layer.key_dim + layer.value_dim)
     elif layer.type == "linear":
         mixer = 9 * layer.heads * layer.head_dim + layer.heads * f32 + _op_elements(layer, elem)
     else:

@@ -18,9 +18,9 @@ def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 
 
 
 def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int,
-                        kernel_ops: tuple = RECURRENT_OPS) -> int:
-    """Peak bytes of live tensors over the second of two fp32 training steps (optimizer state exists then);
-    allocations inside the `kernel_ops` count."""
+                        kernel_ops: tuple = RECURRENT_OPS, bf16: bool = False) -> int:
+    """Peak bytes of live tensors over the second of two training steps (optimizer state exists then);
+    allocations inside the `kernel_ops` count. `bf16`: forward under bf16 autocast, as the trainer runs it."""
     from torch.distributed._tools.mem_tracker import MemTracker
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
@@ -29,7 +29,8 @@ def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: 
     batch = packed_batch(rows, seq_len, cfg.model.vocab_size, doc_len)
 
     def step():
-        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
         (out.loss_sum / out.n_targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
