@@ -52,7 +52,9 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     through flash/ring kernels with no [T, T] scores): fp32 master weights, fp32 gradients and AdamW's two fp32
     moments, each sharded over the world (plus full gradients in bf16 when micro-batches accumulate with
     `parallel.fsdp_grad_sync: step`); the largest block gathered in bf16 (twice: the next one is prefetched);
-    activations per the module docstring, for this rank's T / sp tokens."""
+    activations as a rough count of about 8 d + 4 ffn elements per layer and token (the block input alone with
+    checkpointing) and one loss chunk of fp32 logits, for this rank's T / sp tokens. (Recipes of the planner's
+    mixer types print the planner's figure instead: `fsdp_memory_lines`.)"""
     n_params = sum(p.numel() for p in model.parameters())
     largest_block = max((sum(p.numel() for p in layer.parameters()) for layer in model.layers), default=0)
     root = n_params - sum(p.numel() for layer in model.layers for p in layer.parameters())
@@ -116,8 +118,6 @@ def run_workload(cfg, device_type: str):
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device_type == "cuda")
     return Workload(seq_len=cfg.data.seq_len, tokens_per_step=cfg.train.tokens_per_step, dtype_bytes=2 if bf16 else 4,
                     backend="triton" if device_type == "cuda" else "torch", mixed_precision=bf16)
-
-
 
 
 def peak_memory_estimate(cfg, model, world: int = 1, device_type: str | None = None) -> dict[str, int]:
