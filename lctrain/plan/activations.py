@@ -4,7 +4,9 @@ Counts are in elements of the activation dtype per token of one layer, read off 
 by measurement (`tests/plan/test_activations.py` counts the saved tensors with `saved_tensors_hooks` on CPU):
 
   every block   4 d (block input, mixer-norm output, residual, mlp-norm output) + 4 ffn (SwiGLU gate, up, act,
-                product) + 2 fp32 norm statistics
+                product) + 2 fp32 norm statistics; under bf16 autocast the 4 d stay fp32 (the residual stream is
+                fp32) and each projection reading a norm output keeps a bf16 copy of it (2 d for the MLP, and
+                `PROJECTIONS` d for the mixer)
   attn          q, k, v projections, rotated q and k, output and the output projection's input:
                 4 H hd + 3 Hkv hd, + H fp32 log-sum-exp (the fused op keeps no mask and no [T, T] tensor, on
                 every backend)
@@ -37,11 +39,28 @@ def _op_elements(layer, elem: int) -> float:
     return h * (2 * k + v)
 
 
+# projections reading the mixer's normed input: under bf16 autocast each keeps its own bf16 copy of it
+PROJECTIONS = {"attn": 3, "gdn": 6, "linear": 4, "conv": 2}
+
+
+def block_elements(d_model: int, ffn: int, elem: int) -> float:
+    """Saved elements per token of a block's norms, residual and MLP. Under bf16 autocast (elem 2) the residual
+    stream stays fp32 (the embedding's dtype), so the block input, both norm outputs and the residual are fp32,
+    and the MLP's two projections each keep a bf16 copy of their input (measured: `tests/plan/test_activations.py`)."""
+    f32 = 4 / elem
+    return 4 * d_model * f32 + 4 * ffn + 2 * f32 + (2 * d_model if elem < 4 else 0)
+
+
+def residual_bytes(elem: int) -> int:
+    """Bytes per element of the residual stream (a checkpointed block's input): fp32 under bf16 autocast too."""
+    return max(elem, 4)
+
+
 def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: int = 1, attn: str = "allgather",
                    seq_len: int = 0) -> float:
     """Saved elements per local token for one block (no checkpointing)."""
     f32 = 4 / elem
-    block = 4 * d_model + 4 * ffn + 2 * f32
+    block = block_elements(d_model, ffn, elem) + (PROJECTIONS[layer.type] * d_model if elem < 4 else 0)
     if layer.type == "attn":
         hd = layer.head_dim
         mixer = 4 * layer.heads * hd + 3 * layer.kv_heads * hd + layer.heads * f32
@@ -49,9 +68,10 @@ def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: i
             mixer += (sp - 1) * 2 * layer.kv_heads * hd
         if sp > 1 and attn == "ulysses":     # the head-sharded output, beside the one sent back
             mixer += layer.heads * hd
-    elif layer.type == "gdn":
+    elif layer.type == "gdn":  # (+ the L2 norms' and output norm's fp32 tensors under autocast)
         mixer = 12 * layer.heads * layer.key_dim + 11 * layer.heads * layer.value_dim + 2 * d_model \
-            + 11 * layer.heads + _op_elements(layer, elem)
+            + 11 * layer.heads + _op_elements(layer, elem) \
+            + 2 * (f32 - 1) * layer.heads * (layer.key_dim + layer.value_dim)
     elif layer.type == "linear":
         mixer = 9 * layer.heads * layer.head_dim + layer.heads * f32 + _op_elements(layer, elem)
     else:
@@ -79,12 +99,12 @@ def activation_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn:
     per_layer = [(tokens * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len) * elem
                   + lasp2_state_bytes(layer, rows, sp, layout), count) for layer, count in shape.grouped()]
     if checkpointing:
-        layers = len(shape.layers) * tokens * shape.d_model * elem
+        layers = len(shape.layers) * tokens * shape.d_model * residual_bytes(elem)
         recompute = max(size for size, _ in per_layer)
     else:
         layers, recompute = sum(size * count for size, count in per_layer), 0
-    return {"layers": int(layers), "recompute": int(recompute), "head": int(tokens * (3 * shape.d_model + 1) * elem),
-            "inputs": int(tokens * 3 * 8)}
+    head = tokens * (3 * shape.d_model * residual_bytes(elem) + elem)  # final norm on the fp32 residual stream
+    return {"layers": int(layers), "recompute": int(recompute), "head": int(head), "inputs": int(tokens * 3 * 8)}
 
 
 def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, elem: int) -> int:
@@ -101,7 +121,7 @@ def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str,
         else:
             inputs = layer.convs[0][0] * elem
         widest = max(widest, inputs)
-    return int(tokens * (2 * shape.d_model * elem + widest))
+    return int(tokens * (2 * shape.d_model * residual_bytes(elem) + widest))
 
 
 def op_backward_elements(layer, backend: str) -> float:

@@ -23,7 +23,7 @@ Engines (n parameters, N = dp x sp ranks sharing the states, mixed precision = f
 from __future__ import annotations
 
 from lctrain.models.loss import loss_chunk_size
-from lctrain.plan.activations import activation_bytes, backward_working_bytes, op_backward_bytes
+from lctrain.plan.activations import activation_bytes, backward_working_bytes, op_backward_bytes, residual_bytes
 from lctrain.plan.candidate import Candidate, Workload
 from lctrain.plan.comm import grad_accum, local_tokens
 
@@ -100,7 +100,7 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
     # gradients it forms in forward (fp32 weight gradient) are kept until backward
     chunk = loss_chunk_size(shape.loss_chunk_tokens, tokens, shape.vocab_size)
     logits = chunk * shape.vocab_size * (4 + (work.dtype_bytes if work.mixed_precision else 0))
-    loss_gradients = tokens * shape.d_model * work.dtype_bytes + shape.vocab_size * shape.d_model * 4
+    loss_gradients = tokens * shape.d_model * residual_bytes(work.dtype_bytes) + shape.vocab_size * shape.d_model * 4
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
     forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated + recurrent_op

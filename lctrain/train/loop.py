@@ -19,7 +19,7 @@ from lctrain.train.batches import BatchPreparer
 from lctrain.train.checkpoint import CheckpointManager, load_weights
 from lctrain.train.checkpoint_select import latest_hint
 from lctrain.train.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from lctrain.train.memory import activation_memory_estimate, fsdp_memory_lines
+from lctrain.train.memory import activation_memory_estimate, fsdp_memory_lines, peak_memory_line
 from lctrain.train.metrics import MetricsLogger, Progress, Throughput
 from lctrain.train.engine import build_engine
 from lctrain.train.resume import (apply_recipe, check_compatible, choose_checkpoint, fresh_start_note,
@@ -188,7 +188,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ reporting
     def summary(self) -> str:
         m, lay = self.model, self.layout
-        act = activation_memory_estimate(self.cfg, m)
+        act = activation_memory_estimate(self.cfg, m, self.env.device.type)
         pattern = "".join({"attn": "A"}.get(t, t[0].upper()) for t in m.layer_types)
         return "\n".join([
             f"parameters: {m.num_parameters():,} ({m.num_parameters(exclude_embedding=True):,} without embeddings)",
@@ -200,6 +200,7 @@ class Trainer:
                "parameters train"] if self.cfg.lora.enabled else []),
             f"activation memory (estimate, per process): {act / 2**30:.2f} GiB"
             f"{' with activation checkpointing' if self.cfg.model.activation_checkpointing else ''}",
+            peak_memory_line(self.cfg, m, lay.world, self.env.device.type),
             self.data.summary(),
             *(fsdp_memory_lines(self.cfg, m, sorted({lay.world, 8, 64})) if self.cfg.train.engine == "fsdp" else []),
         ])

@@ -7,7 +7,7 @@ import torch
 from lctrain.config import load_config
 from lctrain.models import LanguageModel
 from lctrain.train.optim import build_optimizer
-from tests.plan.kernel_ops import IntoKernelOps
+from tests.plan.kernel_ops import RECURRENT_OPS, IntoKernelOps
 
 
 def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 0) -> dict:
@@ -17,8 +17,10 @@ def packed_batch(rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 
     return {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": positions}
 
 
-def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int) -> int:
-    """Peak bytes of live tensors over the second of two fp32 training steps (optimizer state exists then)."""
+def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: int,
+                        kernel_ops: tuple = RECURRENT_OPS, bf16: bool = False) -> int:
+    """Peak bytes of live tensors over the second of two training steps (optimizer state exists then);
+    allocations inside the `kernel_ops` count. `bf16`: forward under bf16 autocast, as the trainer runs it."""
     from torch.distributed._tools.mem_tracker import MemTracker
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
@@ -27,14 +29,15 @@ def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: 
     batch = packed_batch(rows, seq_len, cfg.model.vocab_size, doc_len)
 
     def step():
-        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
         (out.loss_sum / out.n_targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     step()
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
-    with tracker, IntoKernelOps():  # the recurrent ops' inner tensors count, as they do on a device
+    with tracker, IntoKernelOps(kernel_ops):  # the recurrent ops' inner tensors count, as they do on a device
         step()
     peak = tracker.get_tracker_snapshot("peak")
     return int(sum(v["Total"] for v in peak.values()))

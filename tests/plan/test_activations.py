@@ -1,5 +1,6 @@
 """Per-mixer activation coefficients vs the tensors autograd actually saves (counted with saved_tensors_hooks),
-on shapes other than the ones the coefficients were read from (fp32, the CPU torch path, packed documents)."""
+on shapes other than the ones the coefficients were read from (fp32 and bf16 autocast, the CPU torch path, packed
+documents)."""
 import pytest
 import torch
 
@@ -38,16 +39,19 @@ def saved_bytes_per_layer(model, ids, positions) -> int:
     return total[0]
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("kind", sorted(CASES))
-def test_saved_activations_match_the_coefficients(kind):
+def test_saved_activations_match_the_coefficients(kind, bf16):
     cfg = load_config(None, ["model.vocab_size=200", "model.d_model=96", "model.n_layers=1", "model.ffn_dim=224",
                              "model.loss_chunk_tokens=256"] + CASES[kind])
     torch.manual_seed(0)
     model = LanguageModel(cfg.model).train()
     ids = torch.randint(0, 200, (ROWS, SEQ_LEN))
     positions = (torch.arange(SEQ_LEN) % DOC_LEN).expand(ROWS, SEQ_LEN)
-    measured = saved_bytes_per_layer(model, ids, positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the residual stream stays fp32 under it
+        measured = saved_bytes_per_layer(model, ids, positions)
     shape = shape_of(model)
-    planned = ROWS * SEQ_LEN * 4 * layer_elements(shape.layers[0], shape.d_model, shape.ffn_dim, 4, "torch",
-                                                   seq_len=SEQ_LEN)
+    elem = 2 if bf16 else 4
+    planned = ROWS * SEQ_LEN * elem * layer_elements(shape.layers[0], shape.d_model, shape.ffn_dim, elem, "torch",
+                                                     seq_len=SEQ_LEN)
     assert abs(planned / measured - 1) < 0.15, (kind, planned, measured)
