@@ -15,9 +15,7 @@ SUPPORTED_KEY_DIMS = (16, 32, 64, 128)
 SUPPORTED_VALUE_DIMS = (16, 32, 64, 128, 256)
 DTYPES = ("bf16", "fp16", "fp32")
 TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# 32-token chunks keep the C x C fp32 tiles (A, Aqk and their gradients) small enough that no kernel
-# spills on sm_80 or sm_90; 64 spilled in the backward.
-CHUNK_SIZE = 32
+CHUNK_SIZE = 64
 
 
 @dataclass(frozen=True)
