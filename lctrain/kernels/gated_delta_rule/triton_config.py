@@ -65,10 +65,14 @@ def launch_config(key_dim: int, value_dim: int, dtype: str) -> LaunchConfig:
     # tl.dot needs every block dimension >= 16.
     padded_k = max(16, triton.next_power_of_2(key_dim))
     padded_v = max(16, triton.next_power_of_2(value_dim))
+    chunk = CHUNK_SIZE[dtype]
+    # With 64-row chunks, bf16 64x16 tiles in both products of the output kernel (K = V = 16) take an 8-byte
+    # stack frame on sm_80; 32 columns (masked beyond V) do not.
+    narrowest_value_block = 32 if chunk == 64 else 16
     return LaunchConfig(
-        chunk=CHUNK_SIZE[dtype],
+        chunk=chunk,
         key_block=min(padded_k, 64),
-        value_block=min(padded_v, 64),
+        value_block=min(max(padded_v, narrowest_value_block), 64),
         intra_key_block=min(padded_k, 32),
         intra_value_block=min(padded_v, 32),
         state_key_block=padded_k,
