@@ -5,7 +5,8 @@ fp16 inputs run bf16/fp16 tensor-core dots, never TF32) and accumulate in fp32; 
 rows, the inverse, the state) are cast to E just before a product, as the per-chunk tensors the forward saves
 (A, Aqk, W, U, delta and the entering states) are stored in E. Recurrent states and accumulators stay fp32.
   1. `gdn_fwd_inverse_kernel` (one program per chunk x head): cumulative gates G, the masked q.k product
-     Aqk = scale (Q K^T * exp(G_t - G_j)) and A = (I + L)^-1 by forward substitution; then
+     Aqk = scale (Q K^T * exp(G_t - G_j)) and A = (I + L)^-1 (16 x 16 diagonal blocks by forward
+     substitution, then merged with products); then
      `gdn_fwd_wu_kernel` (same grid): W = A diag(beta e^G) K, U = A diag(beta) V.
   2. `gdn_fwd_state_kernel`    (one program per sequence x head x V-block): walks the chunks in order,
      storing each chunk's entering state and delta = U - W S.
@@ -18,6 +19,8 @@ need no padding copies and the sequence length is never a compile-time constant.
 """
 import triton
 import triton.language as tl
+
+SUB = tl.constexpr(16)  # diagonal block of the chunk inverse: the smallest tl.dot operand
 
 
 @triton.jit
@@ -85,15 +88,28 @@ def gdn_fwd_inverse_kernel(q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chu
     decay = tl.exp(tl.where(causal & pair_ok, cum[:, None] - cum[None, :], float("-inf")))
     store_tile(a_qk + i_h * BT, qk * decay * scale, t0, rows, row_ok, H * BT, rows, all_cols)
 
-    # A = (I + L)^-1 with L strictly lower. Row i of the strictly-lower part M of A satisfies
-    # M_i = -L_i + sum_{j<i} (-L_ij) M_j, so rows are finished top to bottom (forward substitution).
-    inv = tl.where(rows[:, None] > rows[None, :], -(b[:, None] * kk * decay), 0.0)
-    for i in range(1, BT):
-        is_row = (rows == i)[:, None]
+    # A = (I + L)^-1 with L strictly lower, in two steps. (1) The SUB x SUB diagonal blocks D = I + L_d by
+    # forward substitution: row i of D^-1 - I satisfies M_i = -L_i + sum_{j<i} (-L_ij) M_j, so rows are
+    # finished top to bottom, the same row of every block at once (SUB - 1 steps; the blocks do not touch,
+    # so the column sums below pick up one block each). (2) With E the blocks below the diagonal,
+    # I + L = D (I + N), N = D^-1 E strictly block-lower, so N^4 = 0 and A = (I - N)(I + N^2) D^-1.
+    tl.static_assert(BT <= 4 * SUB)
+    neg_l = tl.where(rows[:, None] > rows[None, :], -(b[:, None] * kk * decay), 0.0)
+    same_block = (rows[:, None] // SUB) == (rows[None, :] // SUB)
+    inv = tl.where(same_block, neg_l, 0.0)
+    for i in range(1, SUB):
+        is_row = (rows % SUB == i)[:, None]
         row = tl.sum(tl.where(is_row, inv, 0.0), 0)
         row = row + tl.sum(row[:, None] * inv, 0)
-        inv = tl.where(is_row, row[None, :], inv)
+        inv = tl.where(is_row & same_block, row[None, :], inv)
     inv += tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    # Products in k's type, like every product of the chunk (A itself is stored in it).
+    d_inv = tl.cast(inv, k.dtype.element_ty)
+    n_blk = tl.dot(d_inv, tl.cast(tl.where(same_block, 0.0, -neg_l), d_inv.dtype), input_precision=PRECISION)
+    n_blk = tl.cast(n_blk, d_inv.dtype)
+    n_sq = tl.cast(tl.dot(n_blk, n_blk, input_precision=PRECISION), d_inv.dtype)
+    inv += tl.dot(n_sq, d_inv, input_precision=PRECISION)  # (I + N^2) D^-1
+    inv -= tl.dot(n_blk, tl.cast(inv, d_inv.dtype), input_precision=PRECISION)
     store_tile(a_inv + i_h * BT, inv, t0, rows, row_ok, H * BT, rows, all_cols)
 
 
