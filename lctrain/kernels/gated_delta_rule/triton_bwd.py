@@ -265,7 +265,7 @@ def gdn_bwd_wy_kernel(k, beta, cum_gate, a_inv, d_a, dk_part, d_beta_part, d_gat
     b = tl.cast(tl.load(beta + (t0 + rows) * H + i_h, mask=row_ok, other=0.0), tl.float32)
     cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
     inv = load_raw(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
-    grad_a = load_raw(d_a + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
+    grad_a = load_tile(d_a + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
     strict_ok = (rows[:, None] > rows[None, :]) & row_ok[:, None] & row_ok[None, :]
     # d(X^-1) adjoint: dX = -A^T dA A^T, and only the strictly lower part of X = I + L varies.
     grad_l = tl.dot(tl.cast(grad_a, inv.dtype), tl.trans(inv), input_precision=PRECISION)
