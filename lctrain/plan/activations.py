@@ -124,14 +124,18 @@ def backward_working_bytes(shape, rows: int, seq_len: int, sp: int, layout: str,
     return int(tokens * (2 * shape.d_model * residual_bytes(elem) + widest))
 
 
-def op_backward_elements(layer, backend: str) -> float:
+def op_backward_elements(layer, backend: str, elem: int = 4) -> float:
     """fp32 elements per token the recurrent op's backward holds beyond its inputs' gradients: the forward it
     recomputes under autograd keeps its chunk tensors until differentiated. torch (CPU chunk path): measured with
-    MemTracker inside the op, fitted within 10% (c = chunk length); triton: the Triton function's saved set (two
-    [c, c] chunk matrices, w, delta, the gates and the chunk states), read off the code."""
+    MemTracker inside the op, fitted within 10% (c = chunk length); triton: the Triton function's saved set, read
+    off the code: fp32 beta and gates, and in the inputs' type (`elem` bytes) the two [c, c] chunk matrices, w,
+    delta and the chunk states (c = 64 for bf16/fp16 inputs, 32 for fp32, as in the GDN launch table)."""
     h, k, v, c = layer.heads, layer.key_dim, layer.value_dim, CHUNK
     if layer.type == "gdn":
-        return h * ((6.5 * c + 6.25 * k + 7.3 * v) if backend == "torch" else (2 + 2 * c + k + v + k * v / c))
+        if backend == "torch":
+            return h * (6.5 * c + 6.25 * k + 7.3 * v)
+        c = CHUNK if elem < 4 else CHUNK // 2
+        return h * (2 + (2 * c + k + v + k * v / c) * elem / 4)
     if layer.type == "linear":
         return h * ((2 * c + 16.2 * k) if backend == "torch" else 1)
     return 0.0
@@ -146,7 +150,7 @@ def op_backward_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     freed, extra = 0.0, 0.0
     for layer in reversed(shape.layers):
-        transient = tokens * 4 * op_backward_elements(layer, backend)
+        transient = tokens * 4 * op_backward_elements(layer, backend, elem)
         own = tokens * elem * (4 * shape.ffn_dim + 2 * shape.d_model + 4 * layer.heads * layer.value_dim)
         extra = max(extra, transient - own - (0 if checkpointing else freed))
         freed += tokens * elem * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len)

@@ -34,6 +34,50 @@ print(json.dumps(results))
 """
 
 
+# Runs in a clean interpreter: every kernel's Triton IR at the (K=128, V=256) launch configuration for sm_90,
+# reduced to the operand and result element types of each tt.dot.
+_DOT_TYPES = """
+import json, re, sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from lctrain.kernels.gated_delta_rule.triton_chunk import aot_specs
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+dots = {}
+for spec in aot_specs(sys.argv[1], [(128, 256)]):
+    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                            context)
+    pattern = r"tt\.dot .*: tensor<[0-9x]+x(\w+)> \* tensor<[0-9x]+x(\w+)> -> tensor<[0-9x]+x(\w+)>"
+    dots[spec.kernel.__name__] = [list(m.groups()) for m in re.finditer(pattern, str(module))]
+print(json.dumps(dots))
+"""
+
+
+@pytest.mark.parametrize("dtype,operand", [("bf16", "bf16"), ("fp32", "f32")])
+def test_products_take_operands_of_the_input_type(dtype, operand):
+    """bf16 inputs: every matrix product of every kernel multiplies bf16 tiles into fp32 (tensor-core bf16, no
+    TF32 on upcast tiles); fp32 inputs keep fp32 operands."""
+    from lctrain.kernels.gated_delta_rule import triton_bwd, triton_fwd
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        proc = subprocess.run([sys.executable, "-c", _DOT_TYPES, dtype], capture_output=True, text=True,
+                              env=compile_env(cache_dir), timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dots = json.loads(proc.stdout.strip().splitlines()[-1])
+    defined = {name for module in (triton_fwd, triton_bwd) for name in vars(module)
+               if name.startswith("gdn_") and name.endswith("_kernel")}
+    assert set(dots) == defined
+    for kernel, types in dots.items():
+        assert len(types) >= 2, kernel  # every kernel multiplies at least two tile pairs
+        assert all(t == [operand, operand, "f32"] for t in types), (kernel, types)
+
+
 def test_registered_with_the_checker():
     assert MODULE in aot.AOT_MODULES
     from lctrain.kernels.gated_delta_rule import triton_bwd, triton_fwd

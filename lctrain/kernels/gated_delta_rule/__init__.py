@@ -76,8 +76,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     Gradients flow to q, k, v, g, beta and initial_state.
 
     Precision: "naive" and "torch" compute in float64 for float64 inputs and in fp32 otherwise. "triton"
-    takes fp32/bf16/fp16 q, k, v (K <= 128), keeps every intermediate and state in fp32, and on CUDA runs
-    its matrix products as tf32 tensor-core dots (about 1e-3 relative error against fp32).
+    takes fp32/bf16/fp16 q, k, v (K <= 128) and carries the recurrent state and every accumulation in fp32;
+    with bf16/fp16 inputs its matrix products multiply bf16/fp16 tiles (fp32 accumulation) and the per-chunk
+    tensors it keeps for backward (chunk states included) are bf16/fp16, with fp32 inputs they are fp32 and
+    the products tf32 tensor-core dots on CUDA (about 1e-3 relative error against fp32).
     """
     if cu_seqlens is not None and (not isinstance(cu_seqlens, torch.Tensor)
                                    or cu_seqlens.dtype not in (torch.int32, torch.int64)):

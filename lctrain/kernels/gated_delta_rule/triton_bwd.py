@@ -13,11 +13,15 @@ Per chunk, with entering state S_0, leaving-state gradient dS and delta = U - W 
        `gdn_bwd_dw_kernel`: dW = -d_delta S_0^T and its shares of dk, dbeta, dG and dA.
   3. `gdn_bwd_wy_kernel`     (chunk x head): dL = -A^T dA A^T through the inverse, its share of dk, dbeta,
      dG, and dg_t = sum_{s >= t in chunk} dG_s (the cumulative sum's adjoint).
+
+As in the forward, products take operands in the q/k/v element type E and accumulate in fp32; the per-chunk
+tensors that are only ever product operands (dS, d_delta, d_qk) are stored in E, the buffers that later
+launches add to (dk_part, d_a and the dbeta/dG shares) in fp32.
 """
 import triton
 import triton.language as tl
 
-from lctrain.kernels.gated_delta_rule.triton_fwd import chunk_span, load_tile, store_tile
+from lctrain.kernels.gated_delta_rule.triton_fwd import chunk_span, load_raw, load_tile, store_tile
 
 
 @triton.jit
@@ -29,7 +33,7 @@ def gdn_bwd_state_kernel(q, k, w, cum_gate, a_qk, d_out, d_final, chunk_grads, d
 
     q, k, w `[T, H, K]`, cum_gate `[T, H]`, a_qk `[T, H, BT]`, d_out `[T, H, V]`, d_final/d_initial
     `[N, H, K, V]`. Writes chunk_grads `[NT, H, K, V]` (gradient of the state leaving each chunk) and
-    d_delta `[T, H, V]`, fp32.
+    d_delta `[T, H, V]` in k's type; the state gradient itself is carried in fp32.
     """
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -56,23 +60,24 @@ def gdn_bwd_state_kernel(q, k, w, cum_gate, a_qk, d_out, d_final, chunk_grads, d
         t0 = bos + c * BT
         row_ok = rows < eos - t0
         chunk_head = ((first_chunk + c) * H + i_h) * K * V
-        tl.store(chunk_grads + chunk_head + state_offs, d_state, mask=state_mask)
+        d_state_e = tl.cast(d_state, k.dtype.element_ty)
+        tl.store(chunk_grads + chunk_head + state_offs, d_state_e, mask=state_mask)
         cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
         last = tl.minimum(eos - t0, BT) - 1
         cum_last = tl.load(cum_gate + (t0 + last) * H + i_h)
-        aqk = load_tile(a_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
-        do_blk = load_tile(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
-        k_blk = k_blk * tl.exp(cum_last - cum)[:, None]
-        dd_blk = tl.dot(tl.trans(aqk), do_blk, input_precision=PRECISION)
-        dd_blk += tl.dot(k_blk, d_state, input_precision=PRECISION)
+        aqk = load_raw(a_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
+        do_blk = load_raw(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        # diag(e^{G_C - G}) K dS: the decay scales the product's rows, so k enters unrounded.
+        dd_blk = tl.dot(k_blk, d_state_e, input_precision=PRECISION) * tl.exp(cum_last - cum)[:, None]
+        dd_blk += tl.dot(tl.trans(aqk), do_blk, input_precision=PRECISION)
         store_tile(d_delta + i_h * V, dd_blk, t0, rows, row_ok, H * V, cols, col_ok)
         q_blk = load_tile(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
-        q_blk = q_blk * (scale * tl.exp(cum))[:, None]
-        w_blk = load_tile(w + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        q_blk = tl.cast(q_blk * (scale * tl.exp(cum))[:, None], k_blk.dtype)
+        w_blk = load_raw(w + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         d_state = d_state * tl.exp(cum_last)
         d_state += tl.dot(tl.trans(q_blk), do_blk, input_precision=PRECISION)
-        d_state -= tl.dot(tl.trans(w_blk), dd_blk, input_precision=PRECISION)
+        d_state -= tl.dot(tl.trans(w_blk), tl.cast(dd_blk, w_blk.dtype), input_precision=PRECISION)
     if STORE_D_INITIAL:
         tl.store(d_initial + head_state + state_offs, d_state, mask=state_mask)
 
@@ -83,7 +88,7 @@ def gdn_bwd_dv_kernel(v, beta, cum_gate, a_inv, a_qk, delta, d_out, d_delta, dv,
                       PRECISION: tl.constexpr):
     """Per chunk x head, the pass over V: terms of o = Aqk delta and U = A diag(beta) V.
 
-    Writes dv `[T, H, V]` (v's dtype) and, fp32, d_qk `[T, H, BT]` (gradient of the raw Q K^T product),
+    Writes dv `[T, H, V]` and d_qk `[T, H, BT]` (gradient of the raw Q K^T product) in v's type, and, fp32,
     d_a `[T, H, BT]` (its U share), d_beta_part and d_gate_part `[T, H]` (first shares; later kernels add).
     """
     i_c = tl.program_id(0)
@@ -94,19 +99,19 @@ def gdn_bwd_dv_kernel(v, beta, cum_gate, a_inv, a_qk, delta, d_out, d_delta, dv,
     all_cols = rows < BT
     b = tl.cast(tl.load(beta + (t0 + rows) * H + i_h, mask=row_ok, other=0.0), tl.float32)
     cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
-    inv = load_tile(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
+    inv = load_raw(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
     grad_qk = tl.zeros([BT, BT], dtype=tl.float32)  # dO delta^T = gradient of Aqk
     grad_a = tl.zeros([BT, BT], dtype=tl.float32)
     d_b = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + tl.arange(0, BV)
         col_ok = cols < V
-        do_blk = load_tile(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
-        d_blk = load_tile(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+        do_blk = load_raw(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+        d_blk = load_raw(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
         grad_qk += tl.dot(do_blk, tl.trans(d_blk), input_precision=PRECISION)
-        dd_blk = load_tile(d_delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+        dd_blk = load_raw(d_delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
         v_blk = load_tile(v + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
-        grad_a += tl.dot(dd_blk, tl.trans(v_blk * b[:, None]), input_precision=PRECISION)
+        grad_a += tl.dot(dd_blk, tl.trans(tl.cast(v_blk * b[:, None], dd_blk.dtype)), input_precision=PRECISION)
         d_bv = tl.dot(tl.trans(inv), dd_blk, input_precision=PRECISION)  # gradient of beta V
         store_tile(dv + i_h * V, d_bv * b[:, None], t0, rows, row_ok, H * V, cols, col_ok)
         d_b += tl.sum(d_bv * v_blk, 1)
@@ -144,14 +149,14 @@ def gdn_bwd_dq_kernel(q, k, cum_gate, chunk_states, d_out, d_qk, dq, d_gate_part
         for i_v in range(0, tl.cdiv(V, BV)):
             cols = i_v * BV + tl.arange(0, BV)
             col_ok = cols < V
-            s_blk = load_tile(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
-            do_blk = load_tile(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+            s_blk = load_raw(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
+            do_blk = load_raw(d_out + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
             dq_blk += tl.dot(do_blk, tl.trans(s_blk), input_precision=PRECISION)
         q_blk = load_tile(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         dq_blk = dq_blk * q_weight[:, None]
         d_cum += tl.sum(dq_blk * q_blk, 1)
-        grad_qk = load_tile(d_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        grad_qk = load_raw(d_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         dq_blk += tl.dot(grad_qk, k_blk, input_precision=PRECISION)
         store_tile(dq + i_h * K, dq_blk, t0, rows, row_ok, H * K, k_rows, k_ok)
     d_cum += tl.load(d_gate_part + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
@@ -184,15 +189,15 @@ def gdn_bwd_dk_kernel(q, k, cum_gate, delta, chunk_states, chunk_grads, d_qk, dk
             cols = i_v * BV + tl.arange(0, BV)
             col_ok = cols < V
             s_blk = load_tile(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
-            ds_blk = load_tile(chunk_grads + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
-            state_dot += tl.sum(s_blk * ds_blk, 1)
-            d_blk = load_tile(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+            ds_blk = load_raw(chunk_grads + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
+            state_dot += tl.sum(s_blk * tl.cast(ds_blk, tl.float32), 1)
+            d_blk = load_raw(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
             dk_blk += tl.dot(d_blk, tl.trans(ds_blk), input_precision=PRECISION)
         k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         end_term += tl.sum(k_blk * dk_blk, 1) * to_end
         dk_blk = dk_blk * to_end[:, None]
-        grad_qk = load_tile(d_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
-        q_blk = load_tile(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        grad_qk = load_raw(d_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
+        q_blk = load_raw(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         dk_blk += tl.dot(tl.trans(grad_qk), q_blk, input_precision=PRECISION)
         store_tile(dk_part + i_h * K, dk_blk, t0, rows, row_ok, H * K, k_rows, k_ok)
     d_last = tl.sum(state_dot, 0) * tl.exp(cum_last) + tl.sum(end_term, 0)
@@ -225,13 +230,14 @@ def gdn_bwd_dw_kernel(k, beta, cum_gate, a_inv, chunk_states, d_delta, dk_part, 
         for i_v in range(0, tl.cdiv(V, BV)):
             cols = i_v * BV + tl.arange(0, BV)
             col_ok = cols < V
-            s_blk = load_tile(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
-            dd_blk = load_tile(d_delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+            s_blk = load_raw(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
+            dd_blk = load_raw(d_delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
             dw_blk -= tl.dot(dd_blk, tl.trans(s_blk), input_precision=PRECISION)
         k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
-        grad_a += tl.dot(dw_blk, tl.trans(k_blk * (b * gate)[:, None]), input_precision=PRECISION)
-        inv = load_tile(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
-        d_wk = tl.dot(tl.trans(inv), dw_blk, input_precision=PRECISION)  # gradient of beta e^G K
+        dw_e = tl.cast(dw_blk, k.dtype.element_ty)
+        grad_a += tl.dot(dw_e, tl.trans(tl.cast(k_blk * (b * gate)[:, None], dw_e.dtype)), input_precision=PRECISION)
+        inv = load_raw(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
+        d_wk = tl.dot(tl.trans(inv), dw_e, input_precision=PRECISION)  # gradient of beta e^G K
         wk_term += tl.sum(d_wk * k_blk, 1)
         dk_blk = load_tile(dk_part + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         store_tile(dk_part + i_h * K, dk_blk + d_wk * (b * gate)[:, None], t0, rows, row_ok, H * K, k_rows, k_ok)
@@ -258,30 +264,30 @@ def gdn_bwd_wy_kernel(k, beta, cum_gate, a_inv, d_a, dk_part, d_beta_part, d_gat
     all_cols = rows < BT
     b = tl.cast(tl.load(beta + (t0 + rows) * H + i_h, mask=row_ok, other=0.0), tl.float32)
     cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
-    inv = load_tile(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
+    inv = load_raw(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
     grad_a = load_tile(d_a + i_h * BT, t0, rows, row_ok, H * BT, rows, all_cols)
     strict_ok = (rows[:, None] > rows[None, :]) & row_ok[:, None] & row_ok[None, :]
     # d(X^-1) adjoint: dX = -A^T dA A^T, and only the strictly lower part of X = I + L varies.
-    grad_l = -tl.dot(tl.trans(inv), tl.dot(grad_a, tl.trans(inv), input_precision=PRECISION),
-                     input_precision=PRECISION)
+    grad_l = tl.dot(tl.cast(grad_a, inv.dtype), tl.trans(inv), input_precision=PRECISION)
+    grad_l = -tl.dot(tl.trans(inv), tl.cast(grad_l, inv.dtype), input_precision=PRECISION)
     decay = tl.exp(tl.where(strict_ok, cum[:, None] - cum[None, :], float("-inf")))
     grad_l = tl.where(strict_ok, grad_l, 0.0) * decay  # gradient of beta_t (k_t . k_j)
 
     kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         k_rows = i_k * BK + tl.arange(0, BK)
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_rows < K)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_rows < K)
         kk += tl.dot(k_blk, tl.trans(k_blk), input_precision=PRECISION)
     beta_term = grad_l * kk
     d_b = tl.load(d_beta_part + (t0 + rows) * H + i_h, mask=row_ok, other=0.0) + tl.sum(beta_term, 1)
     gate_term = beta_term * b[:, None]
     d_cum = tl.load(d_gate_part + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
     d_cum += tl.sum(gate_term, 1) - tl.sum(gate_term, 0)
-    grad_kk = grad_l * b[:, None]
+    grad_kk = tl.cast(grad_l * b[:, None], k.dtype.element_ty)
     for i_k in range(0, tl.cdiv(K, BK)):
         k_rows = i_k * BK + tl.arange(0, BK)
         k_ok = k_rows < K
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         dk_blk = load_tile(dk_part + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         dk_blk += tl.dot(grad_kk, k_blk, input_precision=PRECISION)
         dk_blk += tl.dot(tl.trans(grad_kk), k_blk, input_precision=PRECISION)

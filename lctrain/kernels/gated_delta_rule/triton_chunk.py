@@ -2,7 +2,9 @@
 list of launch configurations for the ahead-of-time compile check (`aot_specs`).
 
 The forward saves the per-chunk tensors the backward needs (cumulative gates, A, Aqk, W, delta and every
-chunk's entering state), so the backward recomputes nothing but walks the chunks once more in reverse.
+chunk's entering state), so the backward recomputes nothing but walks the chunks once more in reverse. All of
+them but the gates are stored in q's element type: bf16 inputs keep bf16 states (K V / C elements per token and
+head, half the fp32 bytes), and the kernels feed them to bf16 tensor-core products with fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ def chunk_tables(cu_seqlens: torch.Tensor, chunk: int):
 
 
 def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cfg, cu_seqlens_cpu=None):
-    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]` fp32, cu_seqlens int32 `[N+1]` (and its
-    host copy, from which the chunk tables are built without reading the device).
+    """Flat inputs: q, k `[T, H, K]`, v `[T, H, V]` (one dtype E), g, beta `[T, H]` fp32, cu_seqlens int32
+    `[N+1]` (and its host copy, from which the chunk tables are built without reading the device).
 
-    Returns o `[T, H, V]` (q dtype), the final state `[N, H, K, V]` fp32 or None, and the saved tensors.
+    Returns o `[T, H, V]` (E), the final state `[N, H, K, V]` fp32 or None, and the saved tensors (cum_gate
+    fp32, the rest in E).
     """
     total, heads, key_dim = k.shape
     value_dim = v.shape[-1]
@@ -56,11 +59,12 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
                                     for t in chunk_tables(cu_seqlens_cpu, cfg.chunk))
     num_chunks = chunk_indices.shape[0]
     f32 = {"dtype": torch.float32, "device": q.device}
+    elem = {"dtype": q.dtype, "device": q.device}
     cum_gate = new_buffer((total, heads), **f32)
-    a_inv = new_buffer((total, heads, cfg.chunk), **f32)
-    a_qk = new_buffer((total, heads, cfg.chunk), **f32)
-    w = new_buffer((total, heads, key_dim), **f32)
-    u = new_buffer((total, heads, value_dim), **f32)
+    a_inv = new_buffer((total, heads, cfg.chunk), **elem)
+    a_qk = new_buffer((total, heads, cfg.chunk), **elem)
+    w = new_buffer((total, heads, key_dim), **elem)
+    u = new_buffer((total, heads, value_dim), **elem)
     if num_chunks:
         gdn_fwd_inverse_kernel[(num_chunks, heads)](
             q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chunk_indices, scale, heads, key_dim,
@@ -69,8 +73,8 @@ def _forward(q, k, v, g, beta, scale, initial_state, store_final, cu_seqlens, cf
             k, v, beta, cum_gate, a_inv, w, u, cu_seqlens, chunk_indices, heads, key_dim, value_dim,
             BT=cfg.chunk, BK=cfg.key_block, BV=cfg.value_block, PRECISION=cfg.precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    chunk_states = new_buffer((num_chunks, heads, key_dim, value_dim), **f32)
-    delta = new_buffer((total, heads, value_dim), **f32)
+    chunk_states = new_buffer((num_chunks, heads, key_dim, value_dim), **elem)
+    delta = new_buffer((total, heads, value_dim), **elem)
     final_state = new_buffer((num_seqs, heads, key_dim, value_dim), **f32) if store_final else None
     gdn_fwd_state_kernel[(num_seqs * heads, triton.cdiv(value_dim, cfg.state_value_block))](
         k, w, u, cum_gate, initial_state, chunk_states, delta, final_state, cu_seqlens, chunk_offsets, heads,
@@ -96,8 +100,9 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
     num_seqs = cu_seqlens.numel() - 1
     num_chunks = chunk_indices.shape[0]
     f32 = {"dtype": torch.float32, "device": q.device}
-    chunk_grads = new_buffer(chunk_states.shape, **f32)
-    d_delta = new_buffer((total, heads, value_dim), **f32)
+    elem = {"dtype": q.dtype, "device": q.device}
+    chunk_grads = new_buffer(chunk_states.shape, **elem)
+    d_delta = new_buffer((total, heads, value_dim), **elem)
     d_initial = new_buffer((num_seqs, heads, key_dim, value_dim), **f32) if want_d_initial else None
     gdn_bwd_state_kernel[(num_seqs * heads, triton.cdiv(value_dim, cfg.state_value_block))](
         q, k, w, cum_gate, a_qk, d_out, d_final, chunk_grads, d_delta, d_initial, cu_seqlens, chunk_offsets,
@@ -110,7 +115,7 @@ def _backward(q, k, v, beta, scale, saved, d_out, d_final, want_d_initial, cu_se
     d_beta_part = new_buffer((total, heads), **f32)
     d_gate_part = new_buffer((total, heads), **f32)
     d_a = new_buffer((total, heads, cfg.chunk), **f32)
-    d_qk = new_buffer((total, heads, cfg.chunk), **f32)
+    d_qk = new_buffer((total, heads, cfg.chunk), **elem)
     dk = new_buffer(k.shape, dtype=k.dtype, device=k.device)
     d_beta = new_buffer((total, heads), **f32)
     dg = new_buffer((total, heads), **f32)
@@ -160,7 +165,7 @@ class GatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_final):
         q, k, v, beta, cu_seqlens, *saved = ctx.saved_tensors
-        d_out = d_out.contiguous()
+        d_out = d_out.to(q.dtype).contiguous()  # a product operand beside q-typed tiles
         if d_final is not None:
             d_final = d_final.to(torch.float32).contiguous()
         dq, dk, dv, dg, d_beta, d_initial = _backward(q, k, v, beta, ctx.scale, saved, d_out, d_final,
@@ -189,9 +194,11 @@ def triton_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, output_
     return o.reshape(batch, seq_len, heads, value_dim), final_state
 
 
-# Arguments typed like q/k/v (or the gradient of one); every other pointer (g and beta included, which the
-# Function converts to fp32) is fp32 or int32 bookkeeping.
-_ELEMENT_ARGS = {"q", "k", "v", "o", "d_out", "dq", "dk", "dv"}
+# Arguments typed like q/k/v: the inputs, their gradients and the per-chunk tensors stored in the input type;
+# every other pointer (g and beta included, which the Function converts to fp32, the states at the sequence
+# ends and the accumulated gradient shares) is fp32 or int32 bookkeeping.
+_ELEMENT_ARGS = {"q", "k", "v", "o", "d_out", "dq", "dk", "dv", "a_inv", "a_qk", "w", "u", "delta", "chunk_states",
+                 "chunk_grads", "d_delta", "d_qk"}
 _INDEX_ARGS = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 _INT_ARGS = {"H", "K", "V"}
 

@@ -15,9 +15,11 @@ SUPPORTED_KEY_DIMS = (16, 32, 64, 128)
 SUPPORTED_VALUE_DIMS = (16, 32, 64, 128, 256)
 DTYPES = ("bf16", "fp16", "fp32")
 TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# 32-token chunks keep the C x C fp32 tiles (A, Aqk and their gradients) small enough that no kernel
-# spills on sm_80 or sm_90; 64 spilled in the backward.
-CHUNK_SIZE = 32
+# Tokens per chunk by q/k/v element type. bf16/fp16 tiles are half the registers of fp32 ones, so 64-token
+# chunks (the C x C tiles A, Aqk and their gradients) compile spill-free on sm_80 and sm_90 for every
+# supported head dim. fp32 stays at 32: at 64 the state kernels spill at K = 128 (backward, sm_90: 280 B of
+# stack at 8 warps, 480 B at 16, 16 B with 8-column state blocks) and the dw/WY/inverse kernels on sm_80.
+CHUNK_SIZE = {"bf16": 64, "fp16": 64, "fp32": 32}
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,22 @@ def launch_config(key_dim: int, value_dim: int, dtype: str) -> LaunchConfig:
     # tl.dot needs every block dimension >= 16.
     padded_k = max(16, triton.next_power_of_2(key_dim))
     padded_v = max(16, triton.next_power_of_2(value_dim))
+    chunk = CHUNK_SIZE[dtype]
+    # With 64-row chunks, bf16 64x16 tiles in both products of the output kernel (K = V = 16) take an 8-byte
+    # stack frame on sm_80; 32 columns (masked beyond V) do not.
+    narrowest_value_block = 32 if chunk == 64 else 16
     return LaunchConfig(
-        chunk=CHUNK_SIZE,
+        chunk=chunk,
         key_block=min(padded_k, 64),
-        value_block=min(padded_v, 64),
+        value_block=min(max(padded_v, narrowest_value_block), 64),
         intra_key_block=min(padded_k, 32),
         intra_value_block=min(padded_v, 32),
         state_key_block=padded_k,
-        # The K x BV fp32 state and the chunk's K-wide operand tiles must fit in registers.
+        # The K x BV fp32 state and the chunk's K-wide operand tiles must fit in registers; narrow blocks
+        # also give the sequential state kernels more programs (N H V / BV) to spread over the GPU.
         state_value_block=min(padded_v, 32 if padded_k <= 64 else 16),
-        # tf32 tensor-core dots for every dtype: IEEE fp32 dots run on CUDA cores and spill heavily at these
-        # tile sizes. Operands are fp32 in registers either way (the interpreter computes in full fp32).
+        # Only fp32 operands read this: tf32 tensor-core dots (IEEE fp32 dots run on CUDA cores and spill at
+        # these tile sizes; the interpreter computes in full fp32). bf16/fp16 operands run bf16/fp16 dots.
         precision="tf32",
         num_warps=8,
     )

@@ -1,8 +1,12 @@
 """Triton forward kernels of the chunked Gated DeltaNet (WY/UT form; equations in `chunk.py`).
 
-Four launches, all with fp32 intermediates and log-space gates:
+Four launches, log-space gates. Matrix products take their operands in the q/k/v element type E (bf16 and
+fp16 inputs run bf16/fp16 tensor-core dots, never TF32) and accumulate in fp32; fp32 intermediates (decayed
+rows, the inverse, the state) are cast to E just before a product, as the per-chunk tensors the forward saves
+(A, Aqk, W, U, delta and the entering states) are stored in E. Recurrent states and accumulators stay fp32.
   1. `gdn_fwd_inverse_kernel` (one program per chunk x head): cumulative gates G, the masked q.k product
-     Aqk = scale (Q K^T * exp(G_t - G_j)) and A = (I + L)^-1 by forward substitution; then
+     Aqk = scale (Q K^T * exp(G_t - G_j)) and A = (I + L)^-1 (16 x 16 diagonal blocks by forward
+     substitution, then merged with products); then
      `gdn_fwd_wu_kernel` (same grid): W = A diag(beta e^G) K, U = A diag(beta) V.
   2. `gdn_fwd_state_kernel`    (one program per sequence x head x V-block): walks the chunks in order,
      storing each chunk's entering state and delta = U - W S.
@@ -16,6 +20,8 @@ need no padding copies and the sequence length is never a compile-time constant.
 import triton
 import triton.language as tl
 
+SUB = tl.constexpr(16)  # diagonal block of the chunk inverse: the smallest tl.dot operand
+
 
 @triton.jit
 def chunk_span(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
@@ -28,10 +34,16 @@ def chunk_span(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 
 
 @triton.jit
+def load_raw(ptr, t0, rows, row_ok, row_stride, cols, col_ok):
+    """Tile ptr[(t0 + rows) * row_stride + cols] in ptr's element type, zero where masked (a dot operand)."""
+    offs = (t0 + rows)[:, None] * row_stride + cols[None, :]
+    return tl.load(ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def load_tile(ptr, t0, rows, row_ok, row_stride, cols, col_ok):
     """fp32 tile ptr[(t0 + rows) * row_stride + cols], zero where masked. Shape [len(rows), len(cols)]."""
-    offs = (t0 + rows)[:, None] * row_stride + cols[None, :]
-    return tl.cast(tl.load(ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0), tl.float32)
+    return tl.cast(load_raw(ptr, t0, rows, row_ok, row_stride, cols, col_ok), tl.float32)
 
 
 @triton.jit
@@ -46,7 +58,7 @@ def gdn_fwd_inverse_kernel(q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chu
                            BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """Per chunk x head. q, k `[T, H, K]`, g, beta `[T, H]` (T = all packed tokens).
 
-    Writes cum_gate `[T, H]`, a_inv and a_qk `[T, H, BT]` (row t of its chunk's C x C matrix), all fp32.
+    Writes cum_gate `[T, H]` fp32, a_inv and a_qk `[T, H, BT]` (row t of its chunk's C x C matrix) in q's type.
     """
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -66,8 +78,8 @@ def gdn_fwd_inverse_kernel(q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chu
     for i_k in range(0, tl.cdiv(K, BK)):
         cols = i_k * BK + tl.arange(0, BK)
         col_ok = cols < K
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, cols, col_ok)
-        q_blk = load_tile(q + i_h * K, t0, rows, row_ok, H * K, cols, col_ok)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, cols, col_ok)
+        q_blk = load_raw(q + i_h * K, t0, rows, row_ok, H * K, cols, col_ok)
         kk += tl.dot(k_blk, tl.trans(k_blk), input_precision=PRECISION)
         qk += tl.dot(q_blk, tl.trans(k_blk), input_precision=PRECISION)
 
@@ -76,22 +88,35 @@ def gdn_fwd_inverse_kernel(q, k, g, beta, cum_gate, a_inv, a_qk, cu_seqlens, chu
     decay = tl.exp(tl.where(causal & pair_ok, cum[:, None] - cum[None, :], float("-inf")))
     store_tile(a_qk + i_h * BT, qk * decay * scale, t0, rows, row_ok, H * BT, rows, all_cols)
 
-    # A = (I + L)^-1 with L strictly lower. Row i of the strictly-lower part M of A satisfies
-    # M_i = -L_i + sum_{j<i} (-L_ij) M_j, so rows are finished top to bottom (forward substitution).
-    inv = tl.where(rows[:, None] > rows[None, :], -(b[:, None] * kk * decay), 0.0)
-    for i in range(1, BT):
-        is_row = (rows == i)[:, None]
+    # A = (I + L)^-1 with L strictly lower, in two steps. (1) The SUB x SUB diagonal blocks D = I + L_d by
+    # forward substitution: row i of D^-1 - I satisfies M_i = -L_i + sum_{j<i} (-L_ij) M_j, so rows are
+    # finished top to bottom, the same row of every block at once (SUB - 1 steps; the blocks do not touch,
+    # so the column sums below pick up one block each). (2) With E the blocks below the diagonal,
+    # I + L = D (I + N), N = D^-1 E strictly block-lower, so N^4 = 0 and A = (I - N)(I + N^2) D^-1.
+    tl.static_assert(BT <= 4 * SUB)
+    neg_l = tl.where(rows[:, None] > rows[None, :], -(b[:, None] * kk * decay), 0.0)
+    same_block = (rows[:, None] // SUB) == (rows[None, :] // SUB)
+    inv = tl.where(same_block, neg_l, 0.0)
+    for i in range(1, SUB):
+        is_row = (rows % SUB == i)[:, None]
         row = tl.sum(tl.where(is_row, inv, 0.0), 0)
         row = row + tl.sum(row[:, None] * inv, 0)
-        inv = tl.where(is_row, row[None, :], inv)
+        inv = tl.where(is_row & same_block, row[None, :], inv)
     inv += tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    # Products in k's type, like every product of the chunk (A itself is stored in it).
+    d_inv = tl.cast(inv, k.dtype.element_ty)
+    n_blk = tl.dot(d_inv, tl.cast(tl.where(same_block, 0.0, -neg_l), d_inv.dtype), input_precision=PRECISION)
+    n_blk = tl.cast(n_blk, d_inv.dtype)
+    n_sq = tl.cast(tl.dot(n_blk, n_blk, input_precision=PRECISION), d_inv.dtype)
+    inv += tl.dot(n_sq, d_inv, input_precision=PRECISION)  # (I + N^2) D^-1
+    inv -= tl.dot(n_blk, tl.cast(inv, d_inv.dtype), input_precision=PRECISION)
     store_tile(a_inv + i_h * BT, inv, t0, rows, row_ok, H * BT, rows, all_cols)
 
 
 @triton.jit
 def gdn_fwd_wu_kernel(k, v, beta, cum_gate, a_inv, w, u, cu_seqlens, chunk_indices, H, K, V, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Per chunk x head: w `[T, H, K]` = A diag(beta e^G) K and u `[T, H, V]` = A diag(beta) V, fp32.
+    """Per chunk x head: w `[T, H, K]` = A diag(beta e^G) K and u `[T, H, V]` = A diag(beta) V (k's type).
 
     A separate launch from the inversion: nothing has to stay live across the substitution loop.
     """
@@ -102,19 +127,19 @@ def gdn_fwd_wu_kernel(k, v, beta, cum_gate, a_inv, w, u, cu_seqlens, chunk_indic
     row_ok = rows < eos - t0
     b = tl.cast(tl.load(beta + (t0 + rows) * H + i_h, mask=row_ok, other=0.0), tl.float32)
     cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
-    inv = load_tile(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
+    inv = load_raw(a_inv + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
     k_weight = b * tl.exp(cum)
     for i_k in range(0, tl.cdiv(K, BK)):
         cols = i_k * BK + tl.arange(0, BK)
         col_ok = cols < K
         k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, cols, col_ok)
-        w_blk = tl.dot(inv, k_blk * k_weight[:, None], input_precision=PRECISION)
+        w_blk = tl.dot(inv, tl.cast(k_blk * k_weight[:, None], inv.dtype), input_precision=PRECISION)
         store_tile(w + i_h * K, w_blk, t0, rows, row_ok, H * K, cols, col_ok)
     for i_v in range(0, tl.cdiv(V, BV)):
         cols = i_v * BV + tl.arange(0, BV)
         col_ok = cols < V
         v_blk = load_tile(v + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
-        u_blk = tl.dot(inv, v_blk * b[:, None], input_precision=PRECISION)
+        u_blk = tl.dot(inv, tl.cast(v_blk * b[:, None], inv.dtype), input_precision=PRECISION)
         store_tile(u + i_h * V, u_blk, t0, rows, row_ok, H * V, cols, col_ok)
 
 
@@ -126,7 +151,8 @@ def gdn_fwd_state_kernel(k, w, u, cum_gate, initial_state, chunk_states, delta, 
     """Per sequence x head (axis 0) and V-block (axis 1); BK covers all of K.
 
     k, w `[T, H, K]`, u `[T, H, V]`, cum_gate `[T, H]`; initial/final state `[N, H, K, V]`. Writes
-    chunk_states `[NT, H, K, V]` (state entering each chunk) and delta `[T, H, V]` (= U - W S), fp32.
+    chunk_states `[NT, H, K, V]` (state entering each chunk) and delta `[T, H, V]` (= U - W S) in k's type;
+    the state itself is carried in fp32.
     """
     i_nh = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -152,18 +178,23 @@ def gdn_fwd_state_kernel(k, w, u, cum_gate, initial_state, chunk_states, delta, 
         t0 = bos + c * BT
         row_ok = rows < eos - t0
         chunk_head = ((first_chunk + c) * H + i_h) * K * V
-        tl.store(chunk_states + chunk_head + state_offs, state, mask=state_mask)
-        w_blk = load_tile(w + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        # The stored state is the one the products below use (rounded to k's type), so the backward, which
+        # reads it back, differentiates exactly what ran.
+        state_e = tl.cast(state, k.dtype.element_ty)
+        tl.store(chunk_states + chunk_head + state_offs, state_e, mask=state_mask)
+        w_blk = load_raw(w + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
         u_blk = load_tile(u + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
-        d_blk = u_blk - tl.dot(w_blk, state, input_precision=PRECISION)
+        d_blk = u_blk - tl.dot(w_blk, state_e, input_precision=PRECISION)
         store_tile(delta + i_h * V, d_blk, t0, rows, row_ok, H * V, cols, col_ok)
         cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
         last = tl.minimum(eos - t0, BT) - 1
         cum_last = tl.load(cum_gate + (t0 + last) * H + i_h)
-        k_blk = load_tile(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
-        # S_C = e^{G_C} S_0 + sum_j e^{G_C - G_j} k_j delta_j^T; padded rows have k = 0.
-        k_blk = k_blk * tl.exp(cum_last - cum)[:, None]
-        state = state * tl.exp(cum_last) + tl.dot(tl.trans(k_blk), d_blk, input_precision=PRECISION)
+        k_blk = load_raw(k + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        # S_C = e^{G_C} S_0 + sum_j e^{G_C - G_j} k_j delta_j^T; padded rows have k = 0. The decay scales
+        # delta's rows (fp32) so that k enters the product unrounded.
+        d_blk = d_blk * tl.exp(cum_last - cum)[:, None]
+        state = state * tl.exp(cum_last) + tl.dot(tl.trans(k_blk), tl.cast(d_blk, k_blk.dtype),
+                                                  input_precision=PRECISION)
     if STORE_FINAL:
         tl.store(final_state + head_state + state_offs, state, mask=state_mask)
 
@@ -186,12 +217,12 @@ def gdn_fwd_output_kernel(q, cum_gate, a_qk, delta, chunk_states, o, cu_seqlens,
     for i_k in range(0, tl.cdiv(K, BK)):
         k_rows = i_k * BK + tl.arange(0, BK)
         k_ok = k_rows < K
-        q_blk = load_tile(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
-        s_blk = load_tile(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
+        q_blk = load_raw(q + i_h * K, t0, rows, row_ok, H * K, k_rows, k_ok)
+        s_blk = load_raw(chunk_states + chunk_head, 0, k_rows, k_ok, V, cols, col_ok)
         acc += tl.dot(q_blk, s_blk, input_precision=PRECISION)
     cum = tl.load(cum_gate + (t0 + rows) * H + i_h, mask=row_ok, other=0.0)
     acc = acc * (scale * tl.exp(cum))[:, None]
-    aqk = load_tile(a_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
-    d_blk = load_tile(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
+    aqk = load_raw(a_qk + i_h * BT, t0, rows, row_ok, H * BT, rows, rows < BT)
+    d_blk = load_raw(delta + i_h * V, t0, rows, row_ok, H * V, cols, col_ok)
     acc += tl.dot(aqk, d_blk, input_precision=PRECISION)
     store_tile(o + i_h * V, acc, t0, rows, row_ok, H * V, cols, col_ok)
