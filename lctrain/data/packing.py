@@ -121,11 +121,16 @@ class PackedStream:
 
     def example(self, index: int) -> dict[str, np.ndarray]:
         """Window `index` as model inputs: input_ids, labels, position_ids, each int64 `[seq_len]`."""
-        tokens, segments, positions, trained = self._window(index)
-        labels = tokens[1:].copy()
-        labels[segments[1:] != segments[:-1]] = IGNORE_INDEX
-        labels[~trained[1:]] = IGNORE_INDEX
-        return {"input_ids": tokens[:-1], "labels": labels, "position_ids": positions[:-1]}
+        return example_from(*self._window(index))
+
+
+def example_from(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray, trained: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """A `[seq_len + 1]` window (tokens, document number, position, may-be-target) as model inputs."""
+    labels = tokens[1:].copy()
+    labels[segments[1:] != segments[:-1]] = IGNORE_INDEX
+    labels[~trained[1:]] = IGNORE_INDEX
+    return {"input_ids": tokens[:-1], "labels": labels, "position_ids": positions[:-1]}
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
