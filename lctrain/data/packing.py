@@ -36,8 +36,7 @@ class PackedStream:
     def __init__(self, splits, source_ids: np.ndarray, doc_ids: np.ndarray, seq_len: int, bos_id: int,
                  eos_id: int):
         self.splits = splits
-        # Held for every document of an epoch on every rank: the narrowest types that fit (14 bytes per document
-        # with `starts`, instead of 24).
+        # The narrowest types that fit (14 bytes per document with `starts`, instead of 24).
         self.source_ids = np.asarray(source_ids, dtype=np.int16 if len(splits) < 1 << 15 else np.int64)
         doc_ids = np.asarray(doc_ids)
         small = len(doc_ids) == 0 or int(doc_ids.max()) < 1 << 31
