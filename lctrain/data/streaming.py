@@ -228,8 +228,9 @@ class StreamingLoader:
         check_state_origin(state, STATE_KIND, ("cursors", "credits", "leftover"), self.fingerprint, self.seed)
         if (int(state["dp_size"]), int(state["dp_rank"])) != (self.dp_size, self.dp_rank):
             raise ConfigError(f"data.streaming: the checkpoint's streams belong to {state['dp_size']} data-parallel "
-                              f"ranks, this run has {self.dp_size}; resume streaming with the same number of "
-                              "processes")
+                              f"ranks, this run has {self.dp_size}; resume streaming with {state['dp_size']} "
+                              f"process{'es' if int(state['dp_size']) != 1 else ''}, or set checkpoint.reset_data=true to keep the weights and start the "
+                              "streams again (cached data, data.streaming=false, resumes on any number)")
         for stream, cursor in zip(self.streams, state["cursors"]):
             stream.cursor = tuple(int(c) for c in cursor)
         self.credits = [float(c) for c in state["credits"]]

@@ -126,3 +126,24 @@ def test_streaming_training_resumes_bit_identically(cache_dir, tmp_path, corpus)
     proc = run_lctrain(cache_dir, split, *steps)
     assert "resumed from" in proc.stdout and "data: streaming 5 shards" in proc.stdout
     assert train_losses(straight) == train_losses(split)
+
+
+@pytest.mark.slow
+def test_streaming_resume_on_another_world_size_is_one_line_exit_2(cache_dir, tmp_path, corpus):
+    """Streams are per rank: a streaming checkpoint of 1 process is refused by 2 with what is allowed (each worker
+    exits 2; torchrun reports that as its own failure)."""
+    import subprocess
+
+    from tests.train.conftest import ROOT, child_env, lctrain_cmd, run_lctrain
+
+    steps = ["train.steps=4", f"data.sources=[{{type: jsonl, path: {corpus}}}]", "data.streaming=true",
+             "data.num_workers=1", "data.max_documents=0", "checkpoint.interval=2"]
+    run = tmp_path / "run"
+    run_lctrain(cache_dir, run, *steps, "train.stop_at=2")
+    proc = subprocess.run(lctrain_cmd(run, *steps, nproc=2), cwd=ROOT, env=child_env(cache_dir),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "data.streaming: the checkpoint's streams" in line]
+    assert lines and "resume streaming with 1 process," in lines[0] and "checkpoint.reset_data=true" in lines[0]
+    ours = proc.stderr.split("torch/distributed/elastic")[0]  # what the workers wrote, before torchrun's report
+    assert "Traceback" not in ours, ours[-3000:]
