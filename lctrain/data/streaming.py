@@ -1,20 +1,27 @@
 """`data.streaming: true`: read and tokenise the sources while training, with no cache and no start-up pass.
 
-Order (a pure function of seed, epoch and the shard list): in epoch e each source's shards are taken in a seeded
-permutation; data-parallel rank r reads shards r, r + dp, ... of it (with fewer shards than ranks, every rank reads
-every shard and keeps documents r, r + dp, ...). A shard's documents are read (text only, bounded by the shard size)
+Order (a pure function of seed, epoch, the shard list and V, the number of *virtual ranks*, fixed by the world
+size of the run's first start and kept in its checkpoints): in epoch e each source's shards are taken in a seeded
+permutation; virtual rank v reads shards v, v + V, ... of it (with fewer shards than V, every virtual rank reads
+every shard and keeps documents v, v + V, ...). A shard's documents are read (text only, bounded by the shard size)
 and emitted in a seeded permutation: the shard is the shuffle buffer, so its state is just the cursor. Sources are
 interleaved by smooth weighted round-robin on tokens, and documents are packed into windows exactly as
 `packing.PackedStream` does ([BOS] doc [EOS], `seq_len + 1` tokens, one shared between neighbours, labels -100
-across documents, positions restarting at each document and window start).
+across documents, positions restarting at each document and window start). Global window w is window w // V of
+virtual rank w % V, and a step of the group takes windows p + r + j dp as in `loader`; with dp = V rank r reads
+virtual rank r alone, exactly the run's own streams.
 
 Documents are tokenised ahead by a background thread feeding `data.num_workers` processes (in order, a bounded
 number of batches in flight), so the first batch comes once the first shard is read and its first documents are
 tokenised, whatever the corpus size.
 
-State (per rank: each rank has its own stream): per source (epoch, shard cursor, document cursor), the round-robin
-credits and the packer's leftover tokens. Resuming restores it exactly; a different data-parallel size is refused
-(the streams are per rank). Evaluation data comes from `data.eval_sources` (cached as usual).
+State: the global position p, V, and per virtual rank this process reads (epoch, shard cursor, document cursor)
+per source, the round-robin credits, the packer's leftover tokens and its window count, all taken at p. Resuming
+with the same number of processes restores it exactly. On another number (1 -> 2, 2 -> 1, ...) the order goes on
+unchanged: a process reads the virtual ranks of the windows it takes (from every old rank's saved states), and
+where several processes share a virtual rank each reads it and skips the windows that are not its own, which
+costs reading, never correctness; it is cheapest when the new number divides V. Evaluation data comes from
+`data.eval_sources` (cached as usual).
 """
 from __future__ import annotations
 
