@@ -301,8 +301,8 @@ def loader_memory(args) -> None:
     out.write_text(json.dumps(payload, indent=1))
     plot_memory(out)
     print(f"\n{machine}; rank 0's loader after reading each of its lanes (tracemalloc)\n")
-    print("| documents | ranks | lanes (held by rank 0) | order arrays (MiB) | all loader heap (MiB) | bytes / document "
-          "of the corpus | CPU s to start | boundary step ms (median / max) | documents ordered synchronously at "
+    print("| documents | ranks | lanes (held by rank 0) | order arrays (MiB) | all loader heap (MiB) | bytes / "
+          "document of the corpus | CPU s to start | boundary step ms (median / max) | documents ordered synchronously at "
           "the boundary |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

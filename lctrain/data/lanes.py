@@ -23,7 +23,8 @@ together). Permutations are `permute.permuted`, evaluated per position. A source
 documents (cached sources keep the held-out ones in place, see `corpus.TrainSlots`); they are empty and skipped.
 
 The next epoch's part of a lane is built by a background thread once the lane is half-way through the current
-one (or 64 windows before its end, whichever comes first), so crossing an epoch boundary costs no synchronous work (and it is O(M / L) per lane if it ever must).
+one (or 64 windows before its end, whichever comes first), so crossing an epoch boundary costs no synchronous
+work (and it is O(M / L) per lane if it ever must).
 """
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """The lane order: keyed permutations, the epoch mixture, lane packing, and per-rank memory that follows the share."""
 import tracemalloc
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,8 +106,9 @@ def loader_memory(entries, world):
         slots = TrainSlots(entries, 0.05)
         loader = TrainLoader([slots], [1.0], 512, 4, 0, 0, world, BOS, EOS, "x")
         loader.order.prefetch = False
-        for _ in range(2 * loader.order.lanes // 4):
+        for _ in range(-(-loader.order.lanes // (4 * world))):  # rank 0 takes 4 of its L / world lanes a step
             next(loader)
+        assert len(loader.order.held_lanes()) == loader.order.lanes // world
         return loader.order.held_bytes(), tracemalloc.get_traced_memory()[0], loader.order.lanes
     finally:
         tracemalloc.stop()
