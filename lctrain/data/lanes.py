@@ -239,9 +239,8 @@ class Lane:
         m = int(np.searchsorted(segment.starts, begin - start, side="right")) - 1
         while True:
             while m < len(segment.slot) and start + int(segment.starts[m]) < end:
-                doc_start = start + int(segment.starts[m])
-                yield segment, m, max(begin, doc_start) - doc_start, min(end, start + int(segment.starts[m + 1])) \
-                    - doc_start
+                doc_start, doc_end = start + int(segment.starts[m]), start + int(segment.starts[m + 1])
+                yield segment, m, max(begin, doc_start) - doc_start, min(end, doc_end) - doc_start
                 m += 1
             if start + segment.tokens >= end:
                 return

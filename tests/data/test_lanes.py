@@ -133,3 +133,23 @@ def test_per_rank_loader_memory_follows_the_rank_share():
     docs = sum(len(e) for e in corpus)
     assert held["2N", 1][0] / docs <= 15  # 14 bytes a document of the epoch held (2 + 4 + 8)
     assert held["2N", 4][1] / docs <= 6  # everything rank 0 of 4 holds: its quarter plus per-entry numbers
+
+
+@pytest.mark.parametrize("fraction, max_documents", [(0.2, 0), (1e-9, 0), (0.999999, 0), (0.3, 150)])
+def test_train_slots_split_like_split_entries(fraction, max_documents):
+    """`TrainSlots` (per-entry numbers) holds the same training and held-out documents as `split_entries` (per-document
+    arrays), with the fallbacks that keep both sides non-empty and a `max_documents` cut inside an entry."""
+    from lctrain.data.corpus import split_entries
+
+    rng = np.random.default_rng(1)
+    entries = [FakeEntry(rng, n) for n in (40, 1, 0, 90, 60)]
+    for entry in entries:
+        entry.tokens = (np.arange(len(entry.tokens)) % 300).astype(np.uint16)
+    train, held = split_entries(entries, fraction, max_documents)
+    slots = TrainSlots(entries, fraction, max_documents)
+    assert len(slots) == len(train) and slots.n_slots == len(train) + len(held)
+    assert slots.train_tokens == int(train.offsets[-1])
+    assert all(np.array_equal(slots.document(i), train.document(i)) for i in range(len(train)))
+    mine = slots.held_out_split()
+    assert len(mine) == len(held) >= 1
+    assert all(np.array_equal(mine.document(i), held.document(i)) for i in range(len(held)))
