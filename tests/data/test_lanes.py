@@ -1,5 +1,6 @@
 """The lane order: keyed permutations, the epoch mixture, lane packing, and per-rank memory that follows the share."""
 import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,7 +69,10 @@ def test_weights_proportional_to_sizes_use_every_document_once():
 
 def test_a_lane_packs_like_packed_stream_and_continues_into_the_next_epoch():
     rng = np.random.default_rng(0)
-    splits = [split_of(rng.integers(1, 40, size=300)), split_of(rng.integers(5, 90, size=120))]
+    masked = split_of(rng.integers(5, 90, size=120))
+    masked = SimpleNamespace(tokens=masked.tokens, offsets=masked.offsets,
+                             target_mask=rng.random(len(masked.tokens)) < 0.3)  # a synthetic task's answers
+    splits = [split_of(rng.integers(1, 40, size=300)), masked]
     seq_len = 16
     order = LaneOrder(splits, [1.0, 2.0], 5, seq_len, BOS, EOS)
     assert order.lanes > 1
@@ -83,7 +87,8 @@ def test_a_lane_packs_like_packed_stream_and_continues_into_the_next_epoch():
         want = stream._window(i)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[2], want[2])
         assert np.array_equal(got[1][1:] != got[1][:-1], want[1][1:] != want[1][:-1])  # same document breaks
-        assert got[3].all()
+        assert np.array_equal(got[3], want[3])  # loss mask: all of a text document, the answers of a masked one
+    assert not all(order.window(i * order.lanes + lane)[3].all() for i in range(crossing))
 
 
 class FakeEntry:
