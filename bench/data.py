@@ -62,14 +62,14 @@ def child(args) -> None:
     import torch  # noqa: F401 - imported here so that `import_s` holds the start-up a training process pays
     from lctrain.data import packing  # noqa: F401
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     data = build_data(cfg, dp_rank=rank, dp_size=world, progress=False)
     next(data.train)
     seconds = time.perf_counter() - t0
     build = getattr(data, "plan", {}).get("build", {})
     print("RESULT " + json.dumps({
-        "rank": rank, "seconds": seconds, "import_s": t0 - T_START,
+        "rank": rank, "seconds": seconds, "import_s": t0 - T_START, "import_cpu_s": cpu0,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "workers_rss_mib": max(build.get("worker_rss_mib") or [0.0]),
         "built": build.get("built", 0), "built_bytes": build.get("bytes", 0),
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=50)
     parser.add_argument("--baseline-tree", default="", help="another checkout to time cold with 1 process")
     parser.add_argument("--work", default="", help="where the corpus and caches go (default: a temp dir)")
+    parser.add_argument("--name", default="data_cpu", help="results file name (bench/results/NAME.json/.png)")
     parser.add_argument("--loader-memory", action="store_true",
                         help="only measure per-rank loader memory and the epoch boundary (see loader_memory)")
     parser.add_argument("--docs", type=int, default=1_000_000, help="--loader-memory: N (N and 2N are measured)")
@@ -153,6 +154,9 @@ def main() -> None:
                "peak_worker_rss_mib": round(max(r["workers_rss_mib"] for r in result["ranks"]), 1),
                "cache_mib": round(du(cache) / 2**20, 1)}
         row["cpu_s_all_ranks"] = round(sum(r["cpu_s"] for r in result["ranks"]), 1)
+        # per process: CPU-s of start-up (interpreter, torch, lctrain) and of tokenising, which is what splits
+        row["startup_cpu_s_per_process"] = [round(r.get("import_cpu_s", 0.0), 2) for r in result["ranks"]]
+        row["tokenise_cpu_s_per_process"] = [round(sum(r["shard_cpu_seconds"]), 2) for r in result["ranks"]]
         if shard_seconds and built:
             row["mib_per_s_per_worker"] = round(built / 2**20 / sum(shard_seconds), 2)
             cpu = sum(s for r in result["ranks"] for s in r["shard_cpu_seconds"])
@@ -185,16 +189,19 @@ def main() -> None:
     payload = {"machine": machine, "device": "cpu", "corpus_mib": round(corpus_bytes / 2**20, 1),
                "files": args.files, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "data_cpu.json"
+    out = RESULTS / f"{args.name}.json"
     out.write_text(json.dumps(payload, indent=1))
     plot(out)
     print(f"\ncorpus: {payload['corpus_mib']} MiB jsonl in {args.files} files; {machine}\n")
-    print("| case | cold | first batch (s) | of which start-up (s) | CPU s, all processes | peak RSS / rank (MiB) "
-          "| worker RSS (MiB) | MiB/s per worker (wall) | MiB per CPU-s | cache (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | cold | first batch (s) | of which start-up (s) | CPU s, all processes | CPU s per process: "
+          "start-up / tokenising | peak RSS / rank (MiB) | worker RSS (MiB) | MiB/s per worker (wall) | MiB per CPU-s "
+          "| cache (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        split = ", ".join(f"{a} / {b}" for a, b in zip(r["startup_cpu_s_per_process"],
+                                                       r["tokenise_cpu_s_per_process"]))
         print(f"| {r['case']} | {'yes' if r['cold'] else 'no'} | {r['first_batch_s']} | {r['startup_s']} "
-              f"| {r['cpu_s_all_ranks']} | {r['peak_rss_mib_per_rank']} | {r['peak_worker_rss_mib']} "
+              f"| {r['cpu_s_all_ranks']} | {split} | {r['peak_rss_mib_per_rank']} | {r['peak_worker_rss_mib']} "
               f"| {r.get('mib_per_s_per_worker', '')} | {r.get('mib_per_cpu_s', '')} | {r['cache_mib']} |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -146,23 +146,31 @@ def build_segment(slots: list, mixture: Mixture, lanes: int, lane: int, epoch: i
 
 
 class Background:
-    """One daemon thread running submitted builds in order (the next epochs' segments)."""
+    """A thread running submitted builds in order (the next epochs' segments). It lives only while there is work
+    and is not a daemon: a build in flight finishes before the interpreter exits (a daemon thread inside numpy at
+    exit can abort the process), while builds not yet begun are dropped once the main thread has ended."""
 
     def __init__(self):
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
         self._thread = None
 
     def submit(self, fn) -> Future:
         future: Future = Future()
-        self._queue.put((fn, future))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="lane-prefetch")
-            self._thread.start()
+        with self._lock:
+            self._queue.put((fn, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lane-prefetch")
+                self._thread.start()
         return future
 
     def _run(self) -> None:
         while True:
-            fn, future = self._queue.get()
+            with self._lock:
+                if self._queue.empty() or not threading.main_thread().is_alive():
+                    self._thread = None
+                    return
+                fn, future = self._queue.get_nowait()
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
