@@ -8,7 +8,7 @@ from lctrain.config import SYNTHETIC_SOURCES, Config, ConfigError, resolve_cache
 from lctrain.data import loader as _loader
 from lctrain.data import shard_cache
 from lctrain.data.cache import stable_hash
-from lctrain.data.corpus import split_entries
+from lctrain.data.corpus import TrainSlots, split_entries
 from lctrain.data.packing import PackedStream
 from lctrain.data.parallel_build import build_missing, default_workers
 from lctrain.data.readers import BadRecord
@@ -174,7 +174,11 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1, progress: bool =
         if skipped:
             bad[source.key] = skipped
         fraction = 0.0 if use_eval_sources else data_cfg.eval_fraction
-        train, evaluation = split_entries(entries, fraction, source.max_documents, all_eval=is_eval)
+        if is_eval:
+            train, evaluation = split_entries(entries, fraction, source.max_documents, all_eval=True)
+        else:  # the loader looks documents up in the entries: no per-document arrays for training
+            train = TrainSlots(entries, fraction, source.max_documents)
+            evaluation = train.held_out_split()
         meta = {"source": source.key, "shards": keys[source.key], "train_docs": len(train),
                 "eval_docs": len(evaluation)}
         tokens.append(SourceTokens(train, evaluation, meta, None))

@@ -5,6 +5,11 @@
 positions in the virtual concatenation of the selected documents, and slicing maps back to the entry holding
 the document. Per selected document it keeps 20 bytes (offset, entry, start in the entry).
 
+`TrainSlots` is what the training loader reads from cached sources: the source's documents as *slots* in shard
+order, held-out ones included (they read as empty), so that it keeps only per-entry numbers and looks a
+document's length, hash and tokens up in the memory-mapped entry when the order needs it. Its memory does not
+grow with the number of documents, so a rank holds only the order arrays of its own lanes (see `lanes`).
+
 Held-out split: a document is held out when the hash of its *text* (salted) falls below `eval_fraction`. It does
 not depend on the document's index, so adding or removing shards never moves a document between the splits.
 """
@@ -74,6 +79,109 @@ def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
         mixed = _mix64(np.asarray(hashes, dtype=np.uint64) ^ np.uint64(SPLIT_SALT))
     unit = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return unit < fraction
+
+
+class TrainSlots:
+    """The training documents of a source's entries, addressed by slot (the i-th document in entry order, the
+    first `max_documents` when > 0); held-out slots have length -1. Holds O(entries) numbers, computed in one
+    streaming pass over the entries' hashes and offsets."""
+
+    masked = False
+
+    def __init__(self, entries: list, eval_fraction: float, max_documents: int = 0):
+        self.entries, self.fraction = entries, eval_fraction
+        sizes = [len(e) for e in entries]
+        if max_documents:
+            left = max_documents
+            for i, size in enumerate(sizes):
+                sizes[i] = min(size, left)
+                left -= sizes[i]
+        self.entry_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.n_slots = int(self.entry_start[-1])
+        self.forced_eval = self.forced_train = -1  # the fallbacks of `split_entries`, as slots
+        n_held, held_tokens = 0, 0
+        lowest = highest = None  # (mixed hash, slot)
+        for e, entry in enumerate(entries):
+            n = sizes[e]
+            if not n:
+                continue
+            mask = held_out(entry.doc_hash[:n], eval_fraction)
+            offsets = np.asarray(entry.offsets[:n + 1])
+            n_held += int(mask.sum())
+            held_tokens += int((np.diff(offsets)[mask]).sum())
+            if eval_fraction > 0:
+                with np.errstate(over="ignore"):
+                    mixed = _mix64(np.asarray(entry.doc_hash[:n], dtype=np.uint64) ^ np.uint64(SPLIT_SALT))
+                lo, hi = int(np.argmin(mixed)), int(np.argmax(mixed))
+                if lowest is None or mixed[lo] < lowest[0]:
+                    lowest = (mixed[lo], int(self.entry_start[e]) + lo)
+                if highest is None or mixed[hi] > highest[0]:
+                    highest = (mixed[hi], int(self.entry_start[e]) + hi)
+        total_tokens = sum(int(entry.offsets[n]) - int(entry.offsets[0]) for entry, n in zip(entries, sizes) if n)
+        if eval_fraction > 0 and self.n_slots >= 2:
+            if n_held == 0:
+                self.forced_eval = lowest[1]
+                n_held, held_tokens = 1, self._body_length(self.forced_eval)
+            elif n_held == self.n_slots:
+                self.forced_train = highest[1]
+                n_held, held_tokens = n_held - 1, held_tokens - self._body_length(self.forced_train)
+        self.n_train = self.n_slots - n_held
+        self.train_tokens = total_tokens - held_tokens
+        self._train_index = None
+
+    def _locate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        entry = np.searchsorted(self.entry_start, slots, side="right") - 1
+        return entry, slots - self.entry_start[entry]
+
+    def _body_length(self, slot: int) -> int:
+        entry, local = self._locate(np.array([slot]))
+        offsets = self.entries[int(entry[0])].offsets
+        return int(offsets[int(local[0]) + 1]) - int(offsets[int(local[0])])
+
+    def lengths(self, slots: np.ndarray) -> np.ndarray:
+        """int64 body tokens of each slot, -1 for a held-out one."""
+        slots = np.asarray(slots, dtype=np.int64)
+        entry, local = self._locate(slots)
+        out = np.empty(len(slots), dtype=np.int64)
+        for e in np.unique(entry):
+            chosen = np.flatnonzero(entry == e)
+            item = self.entries[int(e)]
+            idx = local[chosen]
+            lengths = np.asarray(item.offsets[idx + 1], dtype=np.int64) - np.asarray(item.offsets[idx], dtype=np.int64)
+            held = held_out(np.asarray(item.doc_hash[idx]), self.fraction)
+            held[slots[chosen] == self.forced_eval] = True
+            held[slots[chosen] == self.forced_train] = False
+            lengths[held] = -1
+            out[chosen] = lengths
+        return out
+
+    def body(self, slot: int, lo: int, hi: int) -> np.ndarray:
+        entry, local = self._locate(np.array([slot]))
+        item = self.entries[int(entry[0])]
+        start = int(item.offsets[int(local[0])])
+        return item.tokens[start + lo:start + hi]
+
+    def held_out_split(self) -> ShardedSplit:
+        """The held-out documents as a `ShardedSplit` (O(held-out documents) memory)."""
+        entry_of, local = [], []
+        for e in range(len(self.entries)):
+            slots = np.arange(self.entry_start[e], self.entry_start[e + 1], dtype=np.int64)
+            held = np.flatnonzero(self.lengths(slots) < 0)
+            entry_of.append(np.full(len(held), e, dtype=np.int32))
+            local.append(held.astype(np.int64))
+        return ShardedSplit(self.entries, np.concatenate(entry_of) if entry_of else np.zeros(0, np.int32),
+                            np.concatenate(local) if local else np.zeros(0, np.int64))
+
+    # inspection (tests, tools): the i-th training document; builds an O(documents) index on first use
+    def __len__(self) -> int:
+        return self.n_train
+
+    def document(self, index: int) -> np.ndarray:
+        if self._train_index is None:
+            slots = np.arange(self.n_slots, dtype=np.int64)
+            self._train_index = slots[self.lengths(slots) >= 0]
+        slot = int(self._train_index[index])
+        return self.body(slot, 0, int(self.lengths(np.array([slot]))[0]))
 
 
 def split_entries(entries: list, eval_fraction: float, max_documents: int = 0,

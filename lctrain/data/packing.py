@@ -36,8 +36,7 @@ class PackedStream:
     def __init__(self, splits, source_ids: np.ndarray, doc_ids: np.ndarray, seq_len: int, bos_id: int,
                  eos_id: int):
         self.splits = splits
-        # Held for every document of an epoch on every rank: the narrowest types that fit (14 bytes per document
-        # with `starts`, instead of 24).
+        # The narrowest types that fit (14 bytes per document with `starts`, instead of 24).
         self.source_ids = np.asarray(source_ids, dtype=np.int16 if len(splits) < 1 << 15 else np.int64)
         doc_ids = np.asarray(doc_ids)
         small = len(doc_ids) == 0 or int(doc_ids.max()) < 1 << 31
@@ -121,11 +120,16 @@ class PackedStream:
 
     def example(self, index: int) -> dict[str, np.ndarray]:
         """Window `index` as model inputs: input_ids, labels, position_ids, each int64 `[seq_len]`."""
-        tokens, segments, positions, trained = self._window(index)
-        labels = tokens[1:].copy()
-        labels[segments[1:] != segments[:-1]] = IGNORE_INDEX
-        labels[~trained[1:]] = IGNORE_INDEX
-        return {"input_ids": tokens[:-1], "labels": labels, "position_ids": positions[:-1]}
+        return example_from(*self._window(index))
+
+
+def example_from(tokens: np.ndarray, segments: np.ndarray, positions: np.ndarray, trained: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+    """A `[seq_len + 1]` window (tokens, document number, position, may-be-target) as model inputs."""
+    labels = tokens[1:].copy()
+    labels[segments[1:] != segments[:-1]] = IGNORE_INDEX
+    labels[~trained[1:]] = IGNORE_INDEX
+    return {"input_ids": tokens[:-1], "labels": labels, "position_ids": positions[:-1]}
 
 
 def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

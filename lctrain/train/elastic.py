@@ -3,7 +3,8 @@
 What a ddp checkpoint holds is independent of the world size: the whole model, the whole optimizer state, the
 trainer counters, and the data loader's *global* position (every rank saves the same one). So a run saved by N
 processes continues on M: every rank loads the model and optimizer, the loader state is read from rank 0's file
-(the group then takes the remaining windows its own way, see `lctrain.data.loader`), and a rank that had its own
+(the group then takes the remaining windows its own way, see `lctrain.data.loader`; a streaming loader also gets
+every rank's stream states, see `lctrain.data.streaming`), and a rank that had its own
 file gets its RNG state back (the others keep the run's seeded state). Engines whose state is sharded by rank
 (deepspeed) are refused with one line.
 """
@@ -47,4 +48,8 @@ def load_resized(path: Path, engine, rank: int, world_size: int) -> tuple[dict, 
     if own.is_file():
         set_rng_state(torch.load(own, weights_only=True)["rng"])
     data_state = torch.load(path / "rank-0.pt", weights_only=True)["data"]  # the same global position on all
+    if isinstance(data_state, dict) and data_state.get("batching") == "streaming":
+        # streaming: each rank saved the read-ahead state of the streams it read; the new ranks need all of them
+        data_state = dict(data_state, all_ranks=[torch.load(path / f"rank-{r}.pt", weights_only=True)["data"]
+                                                 for r in range(saved or 1) if (path / f"rank-{r}.pt").is_file()])
     return trainer, data_state

@@ -20,3 +20,31 @@ def test_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):  # same windows, same weights: equal up to the order of float reductions
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a, b)
+
+
+@pytest.mark.slow
+def test_streaming_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path):
+    """Streaming: the run's virtual ranks (fixed by its first world size) continue on 2 processes, each reading
+    the streams of the windows it takes; the steps see the same windows as the uninterrupted run."""
+    import json
+    import random
+
+    from tests.data.textgen import random_text
+
+    rng = random.Random(5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(4):
+        rows = [json.dumps({"text": random_text(rng, rng.randint(20, 120))}) for _ in range(20)]
+        (corpus / f"p{k}.jsonl").write_text("\n".join(rows) + "\n")
+    steps = [*STEPS, f"data.sources=[{{type: jsonl, path: {corpus}}}]", "data.streaming=true",
+             "data.num_workers=1", "data.max_documents=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_lctrain(cache_dir, straight, *steps, nproc=1)
+    run_lctrain(cache_dir, split, *steps, "train.stop_at=2", nproc=1)
+    proc = run_lctrain(cache_dir, split, *steps, nproc=2)
+    assert "(written by 1 processes) on 2" in proc.stdout
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a, b)

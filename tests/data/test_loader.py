@@ -96,12 +96,11 @@ def test_order_is_a_function_of_the_seed(cfg_for):
 
 def test_dp_ranks_get_disjoint_windows_covering_the_epoch(cfg_for):
     ranks = [build_data(cfg_for(), r, 2, progress=False) for r in range(2)]
-    epoch0 = ranks[0].train.stream(0)
-    steps = len(epoch0) // 4  # 2 ranks x micro_batch_size 2 windows per step
+    steps = ranks[0].train.order.windows_per_epoch // 4  # 2 ranks x micro_batch_size 2 windows per step
     assert steps >= 5
     seen = [[w for batch in take(data.train, steps) for w in windows(batch)] for data in ranks]
     assert not set(seen[0]) & set(seen[1])
-    every = [tuple(epoch0.example(i)["input_ids"].tolist()) for i in range(steps * 4)]
+    every = [tuple(ranks[0].train.example(i)["input_ids"].tolist()) for i in range(steps * 4)]
     assert Counter(seen[0] + seen[1]) == Counter(every)
     assert seen[0][:2] == [every[0], every[2]] and seen[1][:2] == [every[1], every[3]]
 
@@ -109,7 +108,7 @@ def test_dp_ranks_get_disjoint_windows_covering_the_epoch(cfg_for):
 def test_resume_is_exact_across_an_epoch_boundary_and_two_resumes(cfg_for):
     cfg = cfg_for()
     reference = build_data(cfg, 0, 1, progress=False).train
-    per_epoch = len(reference.stream(0)) // 2
+    per_epoch = reference.order.windows_per_epoch // 2
     total = per_epoch + 6
     expected = take(reference, total)
     assert reference.state_dict()["epoch"] == 1
@@ -185,47 +184,18 @@ def test_stdlib_default_source_builds(make_cfg):
     assert text.strip()
 
 
-def test_next_epoch_is_prepared_ahead_and_gives_the_same_batches(cfg_for, monkeypatch):
-    from lctrain.data.loader import TrainLoader
-
+def test_next_epoch_is_prepared_ahead_and_gives_the_same_batches(cfg_for):
+    """Every lane's next epoch is built in the background before the lane reaches it: crossing the boundary
+    builds nothing synchronously, and the batches equal those of a loader that builds everything on demand."""
     ahead = build_data(cfg_for(), 0, 1, progress=False).train
-    epoch_windows = len(ahead.stream(0))
-    started = []
-    for _ in range(epoch_windows // ahead.micro_batch_size + 1):
-        next(ahead)
-        if ahead._ahead is not None or 1 in ahead._streams:
-            started.append(ahead.position)
-    assert started and started[0] < epoch_windows  # begun before the boundary was reached
-    ahead_batches = take(ahead, 2 * epoch_windows // ahead.micro_batch_size)
+    steps = 3 * ahead.order.windows_per_epoch // ahead.micro_batch_size
+    ahead_batches = take(ahead, steps)
+    lanes = ahead.order.held_lanes()
+    assert len(lanes) == ahead.order.lanes > 1 and all(len(lane.totals) >= 2 for lane in lanes)
+    first_epoch_docs = sum(len(lane._build(0).slot) for lane in lanes)
+    assert sum(lane.built for lane in lanes) == first_epoch_docs  # later epochs all came from the background
 
-    monkeypatch.setattr(TrainLoader, "_prepare_next", lambda self: None)
     plain = build_data(cfg_for(), 0, 1, progress=False).train
-    take(plain, epoch_windows // plain.micro_batch_size + 1)
-    assert same_batches(take(plain, 2 * epoch_windows // plain.micro_batch_size), ahead_batches)
-
-
-def test_loader_memory_per_document_is_measured_and_bounded():
-    """Every rank holds per-document arrays for the current and the next epoch: measured, 36 bytes a document
-    (8 of lengths, then 2 + 4 + 8 of source id, document id and stream offset per epoch)."""
-    import tracemalloc
-
-    import numpy as np
-
-    from lctrain.data.loader import TrainLoader
-    from lctrain.data.token_store import TokenSplit
-
-    n = 200_000
-    lengths = np.random.default_rng(0).integers(20, 60, size=n)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    split = TokenSplit(np.zeros(int(offsets[-1]), dtype=np.uint16), offsets)
-    tracemalloc.start()
-    try:
-        loader = TrainLoader([split], [1.0], 256, 8, 0, 0, 1, 2, 3, "x")
-        loader.position = len(loader.stream(0)) - 8
-        next(loader)
-        next(loader)  # crosses into epoch 1: both epochs are held
-        assert set(loader._streams) == {0, 1}
-        held = tracemalloc.get_traced_memory()[0] / n
-    finally:
-        tracemalloc.stop()
-    assert 30 <= held <= 40, held
+    plain.order.prefetch = False
+    assert same_batches(take(plain, steps), ahead_batches)
+    assert sum(lane.built for lane in plain.order.held_lanes()) > first_epoch_docs
