@@ -108,8 +108,12 @@ class FSDPEngine:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self, ckpt, step: int, trainer_state: dict, data_state: dict, config_yaml: str, barrier) -> Path:
+        main_files = None
+        if getattr(self.module, "_lora_cfg", None) is not None:  # adapter.json names the base, as under ddp
+            from lctrain.train.lora import write_adapter_meta
+            main_files = lambda tmp: write_adapter_meta(self.module, tmp, self.module._lora_base)  # noqa: E731
         return self.saver.save(ckpt, step, self.model, self.optimizer, trainer_state, data_state, config_yaml,
-                               barrier)
+                               barrier, main_files=main_files)
 
     def finish_saves(self) -> None:
         """Wait for a background save to complete its checkpoint (collective; the loop calls it before exiting)."""

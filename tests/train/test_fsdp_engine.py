@@ -19,12 +19,19 @@ MICRO_SYNC = ["parallel.fsdp_grad_sync=micro_step", "parallel.reshard_after_forw
 
 def jobs_for(world: int, run: str) -> list:
     resume = [[f"resume-{a}", "resume", {"run": f"{run}-{a}"}] for a in (False, True)]
+    base = f"{run}-base.safetensors"  # the LoRA cases' base model
+    lora = {"lora": True, "base": base, "steps": 4}
     if world == 2:
         return [["meta-GALS", "meta_init", {"pattern": "GALS"}], ["meta-CBTA", "meta_init", {"pattern": "CBTA"}],
                 ["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}],
                 ["fsdp-micro", "train", {"engine": "fsdp", "extra": MICRO_SYNC}],
                 ["nonfinite", "nonfinite", {}],
                 ["fsdp-ac", "train", {"engine": "fsdp", "extra": ["model.activation_checkpointing=true"]}],
+                ["sync-step", "grad_sync", {}], ["sync-micro", "grad_sync", {"extra": MICRO_SYNC}],
+                ["ddp-lora", "train", {**lora, "engine": "ddp", "run": f"{run}-ddp-lora"}],
+                ["fsdp-lora", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora"}],
+                ["save-lora", "save", {"run": f"{run}-lora", "async": True, "lora": True, "base": base}],
+                ["resume-lora", "resume", {"run": f"{run}-lora", "lora": True, "base": base}],
                 *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume]
     if world == 4:
         return [["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}], *resume]
@@ -114,3 +121,75 @@ def test_sharded_checkpoint_resumes_on_any_world_size(results, world, asynchrono
         assert resumed[0]["losses"] == saved["losses"][3:]
     else:
         assert close(resumed[0]["losses"], saved["losses"][3:], 1e-5), (world, resumed[0], saved)
+
+
+def test_fsdp_clips_by_the_norm_over_all_shards(results):
+    """The gradient norm the fsdp engine clips by (reduced over the shards) is the ddp engine's full norm, and it
+    is above train.grad_clip, so the clipping acted on the steps compared above."""
+    ddp, fsdp = outcome(results, 2, "ddp")[0], outcome(results, 2, "fsdp")[0]
+    assert close(ddp["norms"], fsdp["norms"], 1e-5), (ddp["norms"], fsdp["norms"])
+    assert sum(n > 0.5 for n in ddp["norms"]) >= 3, ddp["norms"]
+
+
+@pytest.mark.parametrize("mode", ["step", "micro"])
+def test_gradient_accumulation_reduce_scatters_on_the_last_micro_batch_only(results, mode):
+    """fsdp_grad_sync=step: no sharded gradient (no reduce-scatter) after the first of two micro-batches, one
+    after the last; micro_step: one after every micro-batch."""
+    seen = outcome(results, 2, f"sync-{mode}")[0]["seen"]
+    assert [i for i, _, _ in seen] == [0, 1, 0, 1]
+    for _, last, reduced in seen:
+        assert reduced == (last or mode == "micro"), seen
+
+
+def test_fsdp_lora_equals_ddp_lora(results):
+    """LoRA under fsdp (adapters applied before sharding, the frozen base sharded too): the same losses as under
+    ddp in fp32, only adapters, embeddings and norms train and sit in the optimizer."""
+    ddp, fsdp = outcome(results, 2, "ddp-lora")[0], outcome(results, 2, "fsdp-lora")[0]
+    assert ddp["losses"][-1] < ddp["losses"][0] - 0.05, ddp["losses"]
+    assert close(ddp["losses"], fsdp["losses"], 1e-5), (ddp["losses"], fsdp["losses"])
+    assert fsdp["trained"] == ddp["trained"] and fsdp["in_optimizer"] == len(fsdp["trained"])
+    assert any("lora_A" in n for n in fsdp["trained"]) and not any("base_layer" in n for n in fsdp["trained"])
+
+
+def test_fsdp_lora_checkpoint_loads_merged_like_the_ddp_one(results):
+    """The fsdp LoRA checkpoint holds what trains (as DCP shards) and adapter.json naming the base; load_weights
+    (load_model, export, eval) merges it into a plain model with the ddp run's logits."""
+    import torch
+    from lctrain.config import load_config
+    from lctrain.models import LanguageModel
+    from lctrain.train.checkpoint import load_weights
+
+    outcome(results, 2, "fsdp-lora"), outcome(results, 2, "ddp-lora")
+    fsdp_ckpt = os.path.join(f"{results.run}-fsdp-lora", "checkpoints", "step-4")
+    ddp_ckpt = os.path.join(f"{results.run}-ddp-lora", "checkpoints", "step-4")
+    names = set(os.listdir(fsdp_ckpt))
+    assert {"adapter.json", "dcp"} <= names and "adapter.safetensors" not in names, names
+    assert json.load(open(os.path.join(fsdp_ckpt, "adapter.json")))["base"] == f"{results.run}-base.safetensors"
+    from torch.distributed.checkpoint import FileSystemReader
+    stored = FileSystemReader(os.path.join(fsdp_ckpt, "dcp")).read_metadata().state_dict_metadata
+    weights = [k for k in stored if k.startswith("model.")]
+    assert any("lora_B" in k for k in weights) and not any("base_layer" in k or ".mlp." in k for k in weights)
+    cfg = load_config(os.path.join(fsdp_ckpt, "config.yaml"))
+    models = []
+    for ckpt in (ddp_ckpt, fsdp_ckpt):
+        model = LanguageModel(cfg.model).eval()
+        load_weights(model, ckpt)
+        assert not any("lora_" in n for n, _ in model.named_parameters())
+        models.append(model)
+    ids = torch.randint(0, fsdp_cases.VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ddp_logits, fsdp_logits = (m(ids, return_logits=True).logits for m in models)
+        base = LanguageModel(cfg.model).eval()
+        load_weights(base, f"{results.run}-base.safetensors")
+        assert (base(ids, return_logits=True).logits - ddp_logits).abs().max() > 1e-3  # the adapters trained
+    torch.testing.assert_close(fsdp_logits, ddp_logits, rtol=0, atol=1e-4)
+
+
+def test_fsdp_lora_resumes_exactly(results):
+    """Saved in the background at step 3 (adapters and their AdamW state only), resumed on the same base: steps
+    4-6 are bit-identical."""
+    saved = outcome(results, 2, "save-lora")[0]
+    resumed = outcome(results, 2, "resume-lora")
+    assert resumed[0]["losses"] == saved["losses"][3:]
+    ckpt = os.path.join(f"{results.run}-lora", "checkpoints", "step-3")
+    assert os.path.isfile(os.path.join(ckpt, "adapter.json"))
