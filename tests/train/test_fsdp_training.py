@@ -148,3 +148,33 @@ def test_fsdp_run_exports_and_loads_like_the_ddp_run(cache_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lctrain", "eval", str(tmp_path / "fsdp"), "--task", "ppl"],
                           cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_lora_run_exports_like_the_ddp_lora_run(cache_dir, tmp_path):
+    """LoRA from the same base under both engines on 2 ranks: the same losses, and the fsdp run's HF export (its
+    sharded adapters merged into the base) gives the ddp run's logits."""
+    transformers = pytest.importorskip("transformers")
+    shape = ["model.pattern=A", "model.n_heads=4", *GLOBAL]
+    base = tmp_path / "base"
+    run_lctrain(cache_dir, base, *shape, "train.steps=2", timeout=600)
+    lora = [*shape, "lora.enabled=true", "lora.r=4", "train.lr=1e-2", f"checkpoint.init_from={base}",
+            "train.steps=3"]
+    run_lctrain(cache_dir, tmp_path / "ddp", *lora, nproc=2, timeout=600)
+    run_lctrain(cache_dir, tmp_path / "fsdp", *lora, "train.engine=fsdp", nproc=2, timeout=600)
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert len(a) == 3 and close(a, b, 1e-5), (a, b)
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-3"
+    assert (ckpt / "adapter.json").is_file() and (ckpt / "dcp" / ".metadata").is_file()
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
+                           "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, tok = lctrain.load_model(tmp_path / "ddp")
+    base_model, _ = lctrain.load_model(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.bos_id] + tok.encode("def main():\n    return 42\n")])
+    with torch.no_grad():
+        reference = ddp(ids)
+        assert (base_model(ids) - reference).abs().max() > 1e-3  # the adapters moved the model
+        torch.testing.assert_close(hf(ids).logits, reference, rtol=0, atol=1e-4)
