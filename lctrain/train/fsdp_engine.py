@@ -11,6 +11,11 @@ A fresh model is built on `meta` and materialised shard by shard (`lctrain.train
 from `checkpoint.init_from` is built on the host first (its weights must be read). Checkpoints are DCP shards
 (`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and resume on any world size.
 
+LoRA: adapters are injected (on the host-built base, `Trainer._init_from`) before `fully_shard`, so the frozen base
+weights are sharded with them; only what trains is in the optimizer and in the checkpoint (`dcp_checkpoint`), with
+adapter.json naming the base as under ddp. `model.compile` compiles each block before it is sharded (torchtitan's
+order); FSDP2's hooks are excluded from tracing and run eagerly around each block's compiled graph.
+
 Gradient accumulation: gradients are reduce-scattered on the last micro-batch of a step only (the earlier ones
 accumulate unsharded gradients); `parallel.fsdp_grad_sync: micro_step` reduce-scatters every micro-batch instead,
 trading communication for the memory of full gradients.

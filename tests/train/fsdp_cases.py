@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -203,8 +204,42 @@ def case_nonfinite(env, args):
     return {"later": later}
 
 
+def case_eval(env, args):
+    """The loop's evaluation (Trainer.evaluate) under the engine, after 2 steps: every rank runs every batch (each
+    forward gathers weights, a collective); the result is the loss of the full weights over all batches. Training
+    continues after it."""
+    from types import SimpleNamespace
+
+    from lctrain.train.batches import BatchPreparer
+    from lctrain.train.loop import Trainer
+
+    cfg = make_cfg(args["engine"], env.world_size, args.get("extra", ()))
+    engine, layout = build(cfg, env, meta=args["engine"] == "fsdp")
+    train_steps(engine, layout, env, range(2))
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(3):  # an odd number: no even split over the ranks
+        ids = torch.randint(0, VOCAB, (2, SEQ + 1), generator=gen)
+        batches.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+                        "position_ids": torch.arange(SEQ).repeat(2, 1)})
+    trainer = Trainer.__new__(Trainer)  # only what evaluate() uses
+    trainer.cfg, trainer.env, trainer.layout = cfg, env, layout
+    trainer.autocast_dtype, trainer.distiller = None, None
+    trainer.batches = BatchPreparer(cfg, env, layout)
+    trainer.data = SimpleNamespace(eval_batches=lambda n: batches)
+    result = trainer.evaluate(engine)
+    plain = LanguageModel(cfg.model).eval()
+    plain.load_state_dict(full_weights(engine))
+    with torch.no_grad():
+        outs = [plain(b["input_ids"], labels=b["labels"]) for b in batches]
+    reference = sum(float(o.loss_sum) for o in outs) / sum(float(o.n_targets) for o in outs)
+    later = train_steps(engine, layout, env, range(2, 3))
+    return {"eval_loss": result["eval_loss"], "reference": reference, "training": engine.model.training,
+            "later": later}
+
+
 CASES = {"nonfinite": case_nonfinite, "meta_init": case_meta_init, "train": case_train, "save": case_save,
-         "resume": case_resume, "grad_sync": case_grad_sync}
+         "resume": case_resume, "grad_sync": case_grad_sync, "eval": case_eval}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, jobs: list) -> None:
@@ -217,8 +252,9 @@ def worker(rank: int, world: int, port: int, out_dir: str, jobs: list) -> None:
     env = DistEnv(rank=rank, world_size=world)
     report = {}
     for key, case, args in jobs:
+        start = time.perf_counter()
         try:
-            report[key] = {"ok": CASES[case](env, args)}
+            report[key] = {"ok": CASES[case](env, args), "s": time.perf_counter() - start}
         except Exception:  # noqa: BLE001 - the parent shows every rank's traceback
             report[key] = {"error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
