@@ -59,16 +59,17 @@ def apply_lora(model: nn.Module, lora_cfg) -> nn.Module:
     return model
 
 
-def init_adapters_(model: nn.Module) -> None:
-    """peft's rule (A ~ kaiming-uniform as nn.Linear, B = 0), each A drawn from its own seeded CPU generator."""
+def init_adapters_(model: nn.Module, prefix: str = "", seed: int | None = None) -> None:
+    """peft's rule (A ~ kaiming-uniform as nn.Linear, B = 0), each A drawn from its own seeded CPU generator.
+    `model` may be one piece of the model at dotted `prefix` (meta initialisation), with the model's `seed`."""
     from peft.tuners.lora import LoraLayer
 
     from lctrain.models.init import module_seed
 
-    seed = int(getattr(model, "init_seed", 0))
-    for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    seed = int(getattr(model, "init_seed", 0) if seed is None else seed)
+    for path, module in model.named_modules(prefix=prefix):
+        if not isinstance(module, LoraLayer) or module.get_base_layer().weight.is_meta:
+            continue  # on meta: initialised when materialised, piece by piece
         for adapter, linear in module.lora_A.items():
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(module_seed(seed, f"{path}.lora_A.{adapter}"))

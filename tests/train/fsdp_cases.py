@@ -41,22 +41,29 @@ LORA = ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj,o_p
 
 
 def build(cfg, env, meta: bool, base: str | None = None):
-    """The engine over a fresh model: built on meta (fsdp) or eagerly; with `base` (a LoRA case) the eager model
-    is the base, written to `base` by rank 0, and gets adapters before the engine wraps or shards it, as
-    `Trainer._init_from` does."""
+    """The engine over a fresh model: built on meta (fsdp) or eagerly. With `base` (a LoRA case) the model gets
+    adapters before the engine wraps or shards it, as `Trainer._init_from` does: eagerly built, the model is the
+    base (rank 0 writes it to `base` for the cases that read it); on meta, the engine reads `base` piece by piece."""
     torch.manual_seed(cfg.train.seed)
-    if meta and base is None:
+    if meta:
         with parameters_on_meta():
             model = LanguageModel(cfg.model)
     else:
         model = LanguageModel(cfg.model)
     if base is not None:
-        from lctrain.train.checkpoint import _model_tensors
         from lctrain.train.lora import apply_lora
-        from safetensors.torch import save_file
-        if env.rank == 0 and not os.path.exists(base):
-            save_file(_model_tensors(model), base)
-        model = apply_lora(model, cfg.lora)
+        if meta:
+            from lctrain.train.meta_source import check, open_source
+            model._init_source = open_source(base)
+            check(model, model._init_source)
+            with parameters_on_meta():
+                model = apply_lora(model, cfg.lora)
+        else:
+            from lctrain.train.checkpoint import _model_tensors
+            from safetensors.torch import save_file
+            if env.rank == 0 and not os.path.exists(base):
+                save_file(_model_tensors(model), base)
+            model = apply_lora(model, cfg.lora)
         model._lora_base = base
     if cfg.model.compile:
         from lctrain.models.compile import compile_blocks
@@ -133,7 +140,9 @@ def case_train(env, args):
     into args["run"] (what load_model and export read)."""
     lora = args.get("lora", False)
     cfg = make_cfg(args["engine"], env.world_size, [*args.get("extra", ()), *(LORA if lora else [])])
-    engine, layout = build(cfg, env, meta=args["engine"] == "fsdp", base=args["base"] if lora else None)
+    engine, layout = build(cfg, env, meta=args["engine"] == "fsdp" and not args.get("host"),
+                           base=args["base"] if lora else None)
+    initial = full_weights(engine) if args.get("initial") else {}
     norms = []
     steps = args.get("steps", 6)
     losses = train_steps(engine, layout, env, range(steps), norms)
@@ -144,7 +153,8 @@ def case_train(env, args):
                     cfg.to_yaml(), barrier(env))
     return {"losses": losses, "norms": norms, "weights": {k: v.double().sum().item() for k, v in weights.items()},
             "trained": sorted(n for n, p in engine.module.named_parameters() if p.requires_grad),
-            "in_optimizer": sum(len(g["params"]) for g in engine.optimizer.param_groups)}
+            "in_optimizer": sum(len(g["params"]) for g in engine.optimizer.param_groups),
+            "initial": {k: v.tolist() for k, v in initial.items()}}
 
 
 def case_grad_sync(env, args):
@@ -183,6 +193,28 @@ def case_resume(env, args):
     state, data = engine.load(ckpt, ckpt.latest())
     engine.scheduler.load_state_dict(state["scheduler"])
     return {"losses": train_steps(engine, layout, env, range(state["step"], 6)), "data": data}
+
+
+def case_init_from_sharded(env, args):
+    """checkpoint.init_from a sharded checkpoint on a meta-built model: the weights read piece by piece equal the
+    checkpoint's as a resume restores them."""
+    from lctrain.train.meta_source import check, open_source
+    cfg = make_cfg("fsdp", env.world_size)
+    torch.manual_seed(cfg.train.seed + 1)  # another init: every value must come from the checkpoint
+    with parameters_on_meta():
+        model = LanguageModel(cfg.model)
+    source = open_source(args["run"])
+    assert type(source).__name__ == "_Sharded", source
+    check(model, source)
+    model._init_source = source
+    engine = build_engine(model, cfg, env, plan_layout(cfg, env))
+    resumed, _ = build(cfg, env, meta=True)
+    ckpt = CheckpointManager(args["run"], 2, env.rank, env.world_size)
+    resumed.load(ckpt, ckpt.latest())
+    got, want = full_weights(engine), full_weights(resumed)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    return {"n": len(got)}
 
 
 def case_nonfinite(env, args):
@@ -239,7 +271,8 @@ def case_eval(env, args):
 
 
 CASES = {"nonfinite": case_nonfinite, "meta_init": case_meta_init, "train": case_train, "save": case_save,
-         "resume": case_resume, "grad_sync": case_grad_sync, "eval": case_eval}
+         "resume": case_resume, "grad_sync": case_grad_sync, "eval": case_eval,
+         "init_from_sharded": case_init_from_sharded}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, jobs: list) -> None:

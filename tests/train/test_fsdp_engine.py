@@ -30,10 +30,13 @@ def jobs_for(world: int, run: str) -> list:
                 ["eval-fsdp", "eval", {"engine": "fsdp"}], ["eval-ddp", "eval", {"engine": "ddp"}],
                 ["sync-step", "grad_sync", {}], ["sync-micro", "grad_sync", {"extra": MICRO_SYNC}],
                 ["ddp-lora", "train", {**lora, "engine": "ddp", "run": f"{run}-ddp-lora"}],
-                ["fsdp-lora", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora"}],
+                ["fsdp-lora", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora", "initial": True}],
+                ["fsdp-lora-host", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora-host", "host": True,
+                                             "initial": True, "steps": 1}],
                 ["save-lora", "save", {"run": f"{run}-lora", "async": True, "lora": True, "base": base}],
                 ["resume-lora", "resume", {"run": f"{run}-lora", "lora": True, "base": base}],
-                *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume]
+                *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume,
+                ["init-sharded", "init_from_sharded", {"run": f"{run}-False"}]]
     if world == 4:
         return [["ddp", "train", {"engine": "ddp"}], ["fsdp", "train", {"engine": "fsdp"}], *resume]
     return resume
@@ -152,6 +155,16 @@ def test_fsdp_lora_equals_ddp_lora(results):
     assert any("lora_A" in n for n in fsdp["trained"]) and not any("base_layer" in n for n in fsdp["trained"])
 
 
+def test_fsdp_lora_meta_build_reads_the_base_piece_by_piece(results):
+    """Built on meta, the base read from its checkpoint one piece at a time as the shards are materialised,
+    adapters initialised after: every weight equals the host-built, host-loaded model's."""
+    meta, host = outcome(results, 2, "fsdp-lora")[0]["initial"], outcome(results, 2, "fsdp-lora-host")[0]["initial"]
+    assert sorted(meta) == sorted(host) and any("lora_A" in n for n in meta)
+    for name in host:
+        assert meta[name] == host[name], name
+    assert any(any(v != 0 for v in row) for n in meta if "lora_A" in n for row in meta[n])
+
+
 def test_fsdp_lora_checkpoint_loads_merged_like_the_ddp_one(results):
     """The fsdp LoRA checkpoint holds what trains (as DCP shards) and adapter.json naming the base; load_weights
     (load_model, export, eval) merges it into a plain model with the ddp run's logits."""
@@ -229,3 +242,7 @@ def test_fsdp_with_model_compile_matches_eager():
         got = reports[0][key]["ok"]["losses"]
         assert got != eager  # compiled kernels round differently: it really ran compiled
         assert close(eager, got, 1e-3), (key, eager, got)
+
+
+def test_fsdp_init_from_a_sharded_checkpoint_reads_it_piece_by_piece(results):
+    assert all(r["n"] > 10 for r in outcome(results, 2, "init-sharded"))
