@@ -142,7 +142,7 @@ def case_train(env, args):
     cfg = make_cfg(args["engine"], env.world_size, [*args.get("extra", ()), *(LORA if lora else [])])
     engine, layout = build(cfg, env, meta=args["engine"] == "fsdp" and not args.get("host"),
                            base=args["base"] if lora else None)
-    initial = full_weights(engine) if args.get("initial") else {}
+    initial = full_weights(engine) if args.get("initial") or args.get("frozen") else {}
     norms = []
     steps = args.get("steps", 6)
     losses = train_steps(engine, layout, env, range(steps), norms)
@@ -154,7 +154,9 @@ def case_train(env, args):
     return {"losses": losses, "norms": norms, "weights": {k: v.double().sum().item() for k, v in weights.items()},
             "trained": sorted(n for n, p in engine.module.named_parameters() if p.requires_grad),
             "in_optimizer": sum(len(g["params"]) for g in engine.optimizer.param_groups),
-            "initial": {k: v.tolist() for k, v in initial.items()}}
+            "initial": {k: v.tolist() for k, v in initial.items()} if args.get("initial") else {},
+            "frozen_kept": [k for k in initial if "base_layer" in k and torch.equal(initial[k], weights[k])],
+            "dtypes": sorted({str(p.dtype) for p in engine.module.parameters()})}
 
 
 def case_grad_sync(env, args):

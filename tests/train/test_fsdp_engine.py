@@ -33,6 +33,8 @@ def jobs_for(world: int, run: str) -> list:
                 ["fsdp-lora", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora", "initial": True}],
                 ["fsdp-lora-host", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora-host", "host": True,
                                              "initial": True, "steps": 1}],
+                ["fsdp-lora-bf16", "train", {**lora, "engine": "fsdp", "run": f"{run}-fsdp-lora-bf16", "steps": 3,
+                                             "frozen": True, "extra": ["train.dtype=bfloat16"]}],
                 ["save-lora", "save", {"run": f"{run}-lora", "async": True, "lora": True, "base": base}],
                 ["resume-lora", "resume", {"run": f"{run}-lora", "lora": True, "base": base}],
                 *[[f"save-{a}", "save", {"run": f"{run}-{a}", "async": a}] for a in (False, True)], *resume,
@@ -153,6 +155,15 @@ def test_fsdp_lora_equals_ddp_lora(results):
     assert close(ddp["losses"], fsdp["losses"], 1e-5), (ddp["losses"], fsdp["losses"])
     assert fsdp["trained"] == ddp["trained"] and fsdp["in_optimizer"] == len(fsdp["trained"])
     assert any("lora_A" in n for n in fsdp["trained"]) and not any("base_layer" in n for n in fsdp["trained"])
+
+
+def test_fsdp_lora_with_bf16_mixed_precision(results):
+    """The bf16 policy (bf16 compute, fp32 master weights and reduction) with a frozen base: it trains close to
+    fp32, the sharded weights stay fp32 and the frozen base is untouched."""
+    fp32, bf16 = outcome(results, 2, "fsdp-lora")[0], outcome(results, 2, "fsdp-lora-bf16")[0]
+    assert close(fp32["losses"][:3], bf16["losses"], 2e-2) and bf16["losses"] != fp32["losses"][:3]
+    assert bf16["dtypes"] == ["torch.float32"]
+    assert len(bf16["frozen_kept"]) == sum("base_layer" in n for n in fp32["initial"]) > 0
 
 
 def test_fsdp_lora_meta_build_reads_the_base_piece_by_piece(results):
