@@ -9,8 +9,8 @@ reduced in fp32.
 
 A model is built on `meta` and materialised shard by shard (`lctrain.train.meta_init`): from its own init, or from
 `checkpoint.init_from` read piece by piece (`lctrain.train.meta_source`; an `hf:` or LoRA source is loaded on the
-host first). Checkpoints are DCP shards
-(`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and resume on any world size.
+host first). Checkpoints are DCP shards (`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and
+resume on any world size.
 
 LoRA: adapters are injected (`Trainer._init_from`, on meta too) before `fully_shard`, so the frozen base
 weights are sharded with them; only what trains is in the optimizer and in the checkpoint (`dcp_checkpoint`), with

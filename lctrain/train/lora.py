@@ -3,9 +3,9 @@
 a small fraction of the weights and unfrozen).
 
 A LoRA run's checkpoints hold only what is trained (`adapter.safetensors`, or under the fsdp engine the same
-tensors as DCP shards in `dcp/`) and `adapter.json`, which names the base weights; `lctrain.train.checkpoint.load_merged`
-rebuilds the base, loads the adapters and folds them into plain `nn.Linear` weights, so export, evaluation and
-`init_from` see an ordinary model.
+tensors as DCP shards in `dcp/`) and `adapter.json`, which names the base weights;
+`lctrain.train.checkpoint.load_merged` rebuilds the base, loads the adapters and folds them into plain `nn.Linear`
+weights, so export, evaluation and `init_from` see an ordinary model.
 
 Adapters are initialised from generators seeded by the model's init seed and their module path (as the model's own
 weights are, `lctrain.models.init`), not from torch's global generator: their values do not depend on what was
