@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lctrain
-from tests.train.conftest import ROOT, child_env, lctrain_cmd, run_lctrain, train_losses
+from tests.train.conftest import ROOT, child_env, lctrain_cmd, read_metrics, run_lctrain, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,9 @@ def test_fsdp_run_exports_and_loads_like_the_ddp_run(cache_dir, tmp_path):
     run_lctrain(cache_dir, tmp_path / "ddp", *args, nproc=2, timeout=600)
     run_lctrain(cache_dir, tmp_path / "fsdp", *args, "train.engine=fsdp", nproc=2, timeout=600)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-3" / "dcp" / ".metadata").is_file()
+    # the loop's final evaluation (every rank runs every batch under fsdp, they are shared under ddp) agrees
+    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / e) if "eval_loss" in r] for e in ("ddp", "fsdp")]
+    assert len(evals[0]) == 1 and math.isclose(evals[0][0], evals[1][0], rel_tol=1e-5), evals
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
                            "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
