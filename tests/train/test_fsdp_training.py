@@ -181,3 +181,17 @@ def test_fsdp_lora_run_exports_like_the_ddp_lora_run(cache_dir, tmp_path):
         reference = ddp(ids)
         assert (base_model(ids) - reference).abs().max() > 1e-3  # the adapters moved the model
         torch.testing.assert_close(hf(ids).logits, reference, rtol=0, atol=1e-4)
+
+
+def test_fsdp_init_from_a_run_reads_its_weights_like_ddp(cache_dir, tmp_path):
+    """checkpoint.init_from under fsdp: the model is built on meta and the base run's weights are read piece by
+    piece as the shards are materialised; the losses are the ddp run's from the same base."""
+    shape = ["model.pattern=GA", *GLOBAL]
+    base = tmp_path / "base"
+    run_lctrain(cache_dir, base, *shape, "train.steps=2", timeout=600)
+    args = [*shape, f"checkpoint.init_from={base}", "train.steps=2"]
+    run_lctrain(cache_dir, tmp_path / "ddp", *args, nproc=2, timeout=600)
+    run_lctrain(cache_dir, tmp_path / "fsdp", *args, "train.engine=fsdp", nproc=2, timeout=600)
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert len(a) == 2 and close(a, b, 1e-5), (a, b)
+    assert a[1] < train_losses(base)[1] - 0.1  # it started from the trained base, not from a fresh init
