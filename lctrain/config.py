@@ -546,8 +546,8 @@ def _validate_lora(cfg: Config) -> None:
     if not cfg.checkpoint.init_from:
         raise ConfigError("lora.enabled: LoRA fine-tunes a trained model; set checkpoint.init_from to a run, a "
                           "checkpoint or hf:PATH")
-    if cfg.train.engine != "ddp":
-        raise ConfigError(f"lora.enabled: supported with train.engine='ddp', got {cfg.train.engine!r}")
+    if cfg.train.engine not in ("ddp", "fsdp"):
+        raise ConfigError(f"lora.enabled: supported with train.engine 'ddp' or 'fsdp', got {cfg.train.engine!r}")
     for key in ("target_modules", "trainable"):
         value = getattr(lora, key)
         if not all(isinstance(v, str) and v for v in value) or (key == "target_modules" and not value):

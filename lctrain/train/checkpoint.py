@@ -362,8 +362,8 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
         raise ConfigError(f"{where}: {exc}") from None
     except FileNotFoundError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if weights.name == "adapter.safetensors":
-        load_merged(model, weights)
+    if weights.name == "adapter.safetensors" or (weights.is_dir() and (weights.parent / "adapter.json").is_file()):
+        load_merged(model, weights)  # a LoRA run's adapters (a sharded dcp/ one under fsdp) on their base
         return
     try:
         if weights.is_dir():
@@ -376,7 +376,8 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike, where: str =
 
 
 def load_merged(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
-    """Base weights named by adapter.json, then the adapters, merged: a plain model equal to the adapter model."""
+    """Base weights named by adapter.json, then the adapters (adapter.safetensors, or a sharded checkpoint's
+    dcp/), merged: a plain model equal to the adapter model."""
     from lctrain.config import LoraConfig
     from lctrain.train.lora import ADAPTER_META, apply_lora, load_adapter, merge_lora, read_meta
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lctrain.train.rng import rng_state, set_rng_state
 
@@ -35,9 +35,16 @@ def is_sharded_checkpoint(directory: Path) -> bool:
     return (Path(directory) / DCP_DIR / ".metadata").is_file()
 
 
+def _options(model: torch.nn.Module) -> StateDictOptions:
+    """A LoRA run stores what trains (adapters, embeddings, norms), as under ddp: the frozen base is the run's
+    `checkpoint.init_from`, named in adapter.json."""
+    lora = getattr(model, "_lora_cfg", None) is not None
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Model and optimizer state keyed by parameter name (not by index), sharded as the model is."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(model))
     return {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
 
 
@@ -45,13 +52,14 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     """Collective: read a sharded checkpoint into this run's shards, whatever world size wrote it."""
     state = training_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY])
+    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY],
+                   options=_options(model))
 
 
-def load_full_weights(model: torch.nn.Module, directory: Path) -> None:
+def load_full_weights(model: torch.nn.Module, directory: Path, names=None) -> None:
     """Full weights of a sharded checkpoint (`step-<N>/dcp`) into a plain, unsharded model, in this process alone
-    (no process group needed, none used if one exists)."""
-    state = {MODEL_KEY: {k: v for k, v in model.state_dict().items()}}
+    (no process group needed, none used if one exists). `names`: only these tensors (a LoRA checkpoint's)."""
+    state = {MODEL_KEY: {k: v for k, v in model.state_dict().items() if names is None or k in names}}
     try:
         with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the point here
             warnings.simplefilter("ignore", UserWarning)
@@ -59,7 +67,7 @@ def load_full_weights(model: torch.nn.Module, directory: Path) -> None:
     except Exception as exc:  # DCP reports a missing key or a shape mismatch as a generic CheckpointException
         raise ValueError(f"checkpoint {directory}: its weights do not fit this model ({str(exc).splitlines()[0]}); "
                          "was it saved from a model with a different config?") from None
-    model.load_state_dict(state[MODEL_KEY])
+    model.load_state_dict(state[MODEL_KEY], strict=names is None)
 
 
 class ShardedSaver:
@@ -73,12 +81,18 @@ class ShardedSaver:
         self.group = dist.new_group(backend="gloo") if asynchronous else None
 
     def save(self, ckpt, step: int, model, optimizer, trainer_state: dict, data_state: dict, config_yaml: str,
-             barrier) -> Path:
+             barrier, main_files=None) -> Path:
+        """`main_files(tmp_dir)`: rank 0 writes files beside the shards (a LoRA run's adapter.json)."""
         self.finish()  # one save in flight at a time: the next waits for the previous
         state = training_state(model, optimizer)
         if not self.asynchronous:
+            def write(tmp: Path) -> None:
+                dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+                if self.is_main and main_files is not None:
+                    main_files(tmp)
+
             return ckpt.save(step, None, None, trainer_state, data_state, config_yaml, barrier,
-                             collective_write=lambda tmp: dcp.save(state, checkpoint_id=str(tmp / DCP_DIR)))
+                             collective_write=write)
         staging = ckpt.root / f".tmp-step-{step}-shards"
         if self.is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -88,7 +102,7 @@ class ShardedSaver:
         # What the checkpoint records besides the shards is taken now, not when the write completes.
         self.pending = dict(future=future, staging=staging, ckpt=ckpt, step=step, barrier=barrier,
                             trainer_state=copy.deepcopy(trainer_state), data_state=copy.deepcopy(data_state),
-                            config_yaml=config_yaml, rng=rng_state())
+                            config_yaml=config_yaml, rng=rng_state(), main_files=main_files)
         return ckpt.root / f"step-{step}"
 
     def finish(self) -> Path | None:
@@ -102,6 +116,8 @@ class ShardedSaver:
         def move_shards(tmp: Path) -> None:
             if self.is_main:
                 os.replace(staging, tmp / DCP_DIR)
+                if job["main_files"] is not None:
+                    job["main_files"](tmp)
 
         now = rng_state()
         set_rng_state(job["rng"])  # the checkpoint's per-rank RNG is the one of the step it was taken at

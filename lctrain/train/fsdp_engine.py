@@ -7,9 +7,15 @@ dp_shard x cp): SP ranks hold the same weights, so the gradient reduce-scatter a
 which is the loop's normalisation. On CUDA the compute runs in bf16 from fp32 master weights, with gradients
 reduced in fp32.
 
-A fresh model is built on `meta` and materialised shard by shard (`lctrain.train.meta_init`); a model that starts
-from `checkpoint.init_from` is built on the host first (its weights must be read). Checkpoints are DCP shards
-(`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and resume on any world size.
+A model is built on `meta` and materialised shard by shard (`lctrain.train.meta_init`): from its own init, or from
+`checkpoint.init_from` read piece by piece (`lctrain.train.meta_source`; an `hf:` or LoRA source is loaded on the
+host first). Checkpoints are DCP shards (`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and
+resume on any world size.
+
+LoRA: adapters are injected (`Trainer._init_from`, on meta too) before `fully_shard`, so the frozen base
+weights are sharded with them; only what trains is in the optimizer and in the checkpoint (`dcp_checkpoint`), with
+adapter.json naming the base as under ddp. `model.compile` compiles each block before it is sharded (torchtitan's
+order); FSDP2's hooks are excluded from tracing and run eagerly around each block's compiled graph.
 
 Gradient accumulation: gradients are reduce-scattered on the last micro-batch of a step only (the earlier ones
 accumulate unsharded gradients); `parallel.fsdp_grad_sync: micro_step` reduce-scatters every micro-batch instead,
@@ -62,6 +68,7 @@ class FSDPEngine:
         ensure_process_group(env)
         self.mesh = shard_mesh(env, layout)
         on_meta = any(p.is_meta for p in module.parameters())
+        source = module.__dict__.pop("_init_source", None)  # checkpoint.init_from, read piece by piece
         blueprint = blueprint_of(module) if on_meta else None
         policy = mixed_precision(cfg, env.device)
         reshard = cfg.parallel.reshard_after_forward
@@ -69,7 +76,11 @@ class FSDPEngine:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         if on_meta:
-            materialize(module, blueprint, env.device)
+            fill = None
+            if source is not None:
+                from lctrain.train.meta_source import filler
+                fill = filler(module, source)
+            materialize(module, blueprint, env.device, fill)
             del blueprint
         else:
             module.to(env.device)
@@ -108,8 +119,12 @@ class FSDPEngine:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self, ckpt, step: int, trainer_state: dict, data_state: dict, config_yaml: str, barrier) -> Path:
+        main_files = None
+        if getattr(self.module, "_lora_cfg", None) is not None:  # adapter.json names the base, as under ddp
+            from lctrain.train.lora import write_adapter_meta
+            main_files = lambda tmp: write_adapter_meta(self.module, tmp, self.module._lora_base)  # noqa: E731
         return self.saver.save(ckpt, step, self.model, self.optimizer, trainer_state, data_state, config_yaml,
-                               barrier)
+                               barrier, main_files=main_files)
 
     def finish_saves(self) -> None:
         """Wait for a background save to complete its checkpoint (collective; the loop calls it before exiting)."""

@@ -90,7 +90,11 @@ class Trainer:
         elif cfg.model.vocab_size < vocab:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {vocab}")
 
-        if cfg.train.engine == "fsdp" and not cfg.checkpoint.init_from:
+        self.init_source = None  # fsdp: checkpoint.init_from read piece by piece as the engine materialises
+        if cfg.train.engine == "fsdp" and cfg.checkpoint.init_from and teacher_cfg is None:
+            from lctrain.train.meta_source import open_source
+            self.init_source = open_source(cfg.checkpoint.init_from)  # None: loaded whole on the host
+        if cfg.train.engine == "fsdp" and (not cfg.checkpoint.init_from or self.init_source is not None):
             from lctrain.models.init import parameters_on_meta
             with parameters_on_meta():  # the engine shards it, then materialises it shard by shard
                 self.model = LanguageModel(cfg.model)
@@ -111,11 +115,18 @@ class Trainer:
         self.batches = BatchPreparer(cfg, env, self.layout)
 
     def _init_from(self, source: str) -> None:
-        load_weights(self.model, source)  # hf:PATH, a run, a checkpoint (a LoRA one merged with its base)
+        if self.init_source is not None:  # on meta: checked now, read by the fsdp engine piece by piece
+            from lctrain.train.meta_source import check
+            check(self.model, self.init_source)
+            self.model._init_source = self.init_source
+        else:
+            load_weights(self.model, source)  # hf:PATH, a run, a checkpoint (a LoRA one merged with its base)
         if self.cfg.lora.enabled:  # adapters after the base weights: LoRA B = 0 leaves the model unchanged
+            from lctrain.models.init import parameters_on_meta
             from lctrain.train.checkpoint import describe_base
             from lctrain.train.lora import apply_lora
-            self.model = apply_lora(self.model, self.cfg.lora)
+            with parameters_on_meta() if self.init_source is not None else contextlib.nullcontext():
+                self.model = apply_lora(self.model, self.cfg.lora)
             self.model._lora_base = describe_base(source)
 
     def _teacher_dtype(self):

@@ -34,9 +34,11 @@ def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor], device: t
         module._buffers[leaf] = value.to(device)
 
 
-def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device) -> None:
+def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device, fill=None) -> None:
     """Allocate `model`'s shards on `device` and fill them. `blueprint` is an unsharded copy of the model taken
-    before sharding (parameters on meta); its pieces are made real on the host one at a time and freed again."""
+    before sharding (parameters on meta); its pieces are made real on the host one at a time and freed again.
+    `fill(path, piece)` fills a full piece (default: the model's own init; `meta_source`: checkpoint weights)."""
+    fill = fill or model.init_module_
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
     model.to_empty(device=device)
     _restore_buffers(model, buffers, device)
@@ -44,7 +46,7 @@ def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device) ->
     for path, piece in pieces(model):
         full_piece = blueprint.get_submodule(path)
         full_piece.to_empty(device="cpu")
-        model.init_module_(path, full_piece)
+        fill(path, full_piece)
         with torch.no_grad():
             for (name, shard), (full_name, full) in zip(piece.named_parameters(), full_piece.named_parameters()):
                 assert name == full_name, (name, full_name)

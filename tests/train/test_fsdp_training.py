@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lctrain
-from tests.train.conftest import ROOT, child_env, lctrain_cmd, run_lctrain, train_losses
+from tests.train.conftest import ROOT, child_env, lctrain_cmd, read_metrics, run_lctrain, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,9 @@ def test_fsdp_run_exports_and_loads_like_the_ddp_run(cache_dir, tmp_path):
     run_lctrain(cache_dir, tmp_path / "ddp", *args, nproc=2, timeout=600)
     run_lctrain(cache_dir, tmp_path / "fsdp", *args, "train.engine=fsdp", nproc=2, timeout=600)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-3" / "dcp" / ".metadata").is_file()
+    # the loop's final evaluation (every rank runs every batch under fsdp, they are shared under ddp) agrees
+    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / e) if "eval_loss" in r] for e in ("ddp", "fsdp")]
+    assert len(evals[0]) == 1 and math.isclose(evals[0][0], evals[1][0], rel_tol=1e-5), evals
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
                            "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
@@ -148,3 +151,47 @@ def test_fsdp_run_exports_and_loads_like_the_ddp_run(cache_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lctrain", "eval", str(tmp_path / "fsdp"), "--task", "ppl"],
                           cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_lora_run_exports_like_the_ddp_lora_run(cache_dir, tmp_path):
+    """LoRA from the same base under both engines on 2 ranks: the same losses, and the fsdp run's HF export (its
+    sharded adapters merged into the base) gives the ddp run's logits."""
+    transformers = pytest.importorskip("transformers")
+    shape = ["model.pattern=A", "model.n_heads=4", *GLOBAL]
+    base = tmp_path / "base"
+    run_lctrain(cache_dir, base, *shape, "train.steps=2", timeout=600)
+    lora = [*shape, "lora.enabled=true", "lora.r=4", "train.lr=1e-2", f"checkpoint.init_from={base}",
+            "train.steps=3"]
+    run_lctrain(cache_dir, tmp_path / "ddp", *lora, nproc=2, timeout=600)
+    run_lctrain(cache_dir, tmp_path / "fsdp", *lora, "train.engine=fsdp", nproc=2, timeout=600)
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert len(a) == 3 and close(a, b, 1e-5), (a, b)
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-3"
+    assert (ckpt / "adapter.json").is_file() and (ckpt / "dcp" / ".metadata").is_file()
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
+                           "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, tok = lctrain.load_model(tmp_path / "ddp")
+    base_model, _ = lctrain.load_model(base)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.bos_id] + tok.encode("def main():\n    return 42\n")])
+    with torch.no_grad():
+        reference = ddp(ids)
+        assert (base_model(ids) - reference).abs().max() > 1e-3  # the adapters moved the model
+        torch.testing.assert_close(hf(ids).logits, reference, rtol=0, atol=1e-4)
+
+
+def test_fsdp_init_from_a_run_reads_its_weights_like_ddp(cache_dir, tmp_path):
+    """checkpoint.init_from under fsdp: the model is built on meta and the base run's weights are read piece by
+    piece as the shards are materialised; the losses are the ddp run's from the same base."""
+    shape = ["model.pattern=GA", *GLOBAL]
+    base = tmp_path / "base"
+    run_lctrain(cache_dir, base, *shape, "train.steps=2", timeout=600)
+    args = [*shape, f"checkpoint.init_from={base}", "train.steps=2"]
+    run_lctrain(cache_dir, tmp_path / "ddp", *args, nproc=2, timeout=600)
+    run_lctrain(cache_dir, tmp_path / "fsdp", *args, "train.engine=fsdp", nproc=2, timeout=600)
+    a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert len(a) == 2 and close(a, b, 1e-5), (a, b)
+    assert a[1] < train_losses(base)[1] - 0.1  # it started from the trained base, not from a fresh init

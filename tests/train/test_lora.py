@@ -62,6 +62,29 @@ def test_lora_needs_a_base_model():
         load_config(ROOT / "recipes/tiny.yaml", ["lora.enabled=true", "checkpoint.init_from=x", "lora.r=0"])
 
 
+def test_lora_engines():
+    """LoRA runs under ddp and fsdp; DeepSpeed is refused in one line naming the engines that work."""
+    lora = ["lora.enabled=true", "checkpoint.init_from=x"]
+    assert load_config(ROOT / "recipes/tiny.yaml", [*lora, "train.engine=fsdp"]).train.engine == "fsdp"
+    with pytest.raises(ConfigError, match="lora.enabled: supported with train.engine 'ddp' or 'fsdp'"):
+        load_config(ROOT / "recipes/tiny.yaml", [*lora, "train.engine=deepspeed"])
+
+
+def test_adapters_do_not_depend_on_the_global_generator():
+    """Adapters are drawn from generators seeded by the model's init seed and module path: whatever torch's
+    global generator did before (an eager vs a meta build, another engine), the same adapters."""
+    first, second = _model(), _model()
+    apply_lora(first, LoraConfig(r=4))
+    torch.manual_seed(123)
+    torch.rand(1000)
+    apply_lora(second, LoraConfig(r=4))
+    a, b = dict(first.named_parameters()), dict(second.named_parameters())
+    names = [n for n in a if "lora_A" in n]
+    assert names and all(torch.equal(a[n], b[n]) for n in names)
+    assert not torch.equal(a[names[0]], a[names[1]])  # each module draws its own
+    assert all(float(a[n].abs().sum()) == 0 for n in a if "lora_B" in n)
+
+
 @pytest.fixture(scope="module")
 def base_run(cache_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("lora") / "base"
