@@ -13,7 +13,7 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def _chunks(lengths, chunk: int) -> int:
-    return sum(triton.cdiv(n, chunk) for n in lengths)
+    return sum((n + chunk - 1) // chunk for n in lengths)  # sum of cdiv(n, chunk), fast for 10^5 documents
 
 
 def launch_grids(op: str, lengths: list[int], heads: int, key_dim: int, value_dim: int, dtype: str = "bf16",
@@ -42,9 +42,9 @@ def launch_grids(op: str, lengths: list[int], heads: int, key_dim: int, value_di
         fwd = launch_config(key_dim, value_dim, dtype, "fwd")
         bwd = launch_config(key_dim, value_dim, dtype, "bwd_dq")
         blocks = lambda c: triton.cdiv(key_dim, c.block_k) * triton.cdiv(value_dim, c.block_v)  # noqa: E731
-        grids = {"linear_attention_fwd_kernel": (blocks(fwd), heads, num_seqs),
-                 "linear_attention_bwd_dq_kernel": (blocks(bwd), heads, num_seqs),
-                 "linear_attention_bwd_dkv_kernel": (blocks(bwd), heads, num_seqs)}
+        grids = {"linear_attention_fwd_kernel": (num_seqs * heads, blocks(fwd)),
+                 "linear_attention_bwd_dq_kernel": (num_seqs * heads, blocks(bwd)),
+                 "linear_attention_bwd_dkv_kernel": (num_seqs * heads, blocks(bwd))}
         if options.get("decay", True):
             grids["linear_attention_dlog_decay_kernel"] = (num_seqs * heads,)
         return grids
@@ -52,27 +52,31 @@ def launch_grids(op: str, lengths: list[int], heads: int, key_dim: int, value_di
         from lctrain.kernels.local_attention.triton_config import launch_config
 
         cfgs = {kind: launch_config(key_dim, value_dim, kind) for kind in ("fwd", "bwd_dq", "bwd_dkv")}
-        rows = num_seqs * heads  # still on axis 1: see check_triton_documents
-        return {"local_attention_fwd_kernel": (triton.cdiv(max_len, cfgs["fwd"].block_m), rows),
-                "local_attention_bwd_dq_kernel": (triton.cdiv(max_len, cfgs["bwd_dq"].block_m), rows),
-                "local_attention_bwd_dkv_kernel": (triton.cdiv(max_len, cfgs["bwd_dkv"].block_n), rows)}
+        if not max_len:
+            return {}  # nothing to attend: no launch
+        # axis 0: one program per tile of every document (the tile table), axis 1: heads
+        return {"local_attention_fwd_kernel": (_chunks(lengths, cfgs["fwd"].block_m), heads),
+                "local_attention_bwd_dq_kernel": (_chunks(lengths, cfgs["bwd_dq"].block_m), heads),
+                "local_attention_bwd_dkv_kernel": (_chunks(lengths, cfgs["bwd_dkv"].block_n), heads)}
     if op == "landmark_attention":
-        from lctrain.kernels.landmark_attention.triton_blocks import _query_tiles
         from lctrain.kernels.landmark_attention.triton_config import launch_config, padded_dim
 
         block = options["block_size"]
         width = padded_dim(max(key_dim, value_dim))
         cfgs = {kind: launch_config(width, width, block, kind) for kind in ("fwd", "bwd_dq")}
-        rows = num_seqs * heads  # still on axis 1: see check_triton_documents
-        return {"landmark_fwd_kernel": (_query_tiles(max_len, block, cfgs["fwd"].block_m), rows),
-                "landmark_bwd_dq_kernel": (_query_tiles(max_len, block, cfgs["bwd_dq"].block_m), rows),
-                "landmark_bwd_dkv_kernel": (triton.cdiv(max_len, block), rows)}
+        if not max_len:
+            return {}
+        # axis 0: the tile table (query tiles, or landmark blocks, of every document), axis 1: heads
+        blocks = _chunks(lengths, block)
+        return {"landmark_fwd_kernel": (blocks * triton.cdiv(block, cfgs["fwd"].block_m), heads),
+                "landmark_bwd_dq_kernel": (blocks * triton.cdiv(block, cfgs["bwd_dq"].block_m), heads),
+                "landmark_bwd_dkv_kernel": (blocks, heads)}
     if op == "taylor_linear_attention":
         from lctrain.kernels.taylor_linear_attention.triton_chunk import launch_config
 
         fwd, bwd = launch_config(key_dim, "fwd"), launch_config(key_dim, "bwd_dq")
-        back = (triton.cdiv(value_dim + 1, bwd.block_v), heads, num_seqs)
-        return {"taylor_fwd_kernel": (triton.cdiv(value_dim + 1, fwd.block_v), heads, num_seqs),
+        back = (num_seqs * heads, triton.cdiv(value_dim + 1, bwd.block_v))
+        return {"taylor_fwd_kernel": (num_seqs * heads, triton.cdiv(value_dim + 1, fwd.block_v)),
                 "taylor_bwd_dq_kernel": back, "taylor_bwd_dkv_kernel": back}
     if op == "titans_linear_memory":
         from lctrain.kernels.titans_memory.triton_config import launch_config

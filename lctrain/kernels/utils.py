@@ -117,7 +117,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int, op
     return cu_seqlens.numel() - 1
 
 
-MAX_GRID_DOCUMENTS = 65535  # CUDA's limit on grid axes 1 and 2
+MAX_GRID_AXIS0 = 2**31 - 1  # CUDA's limit on grid axis 0
+MAX_GRID_AXIS12 = 65535  # and on axes 1 and 2
 
 
 def triton_or_torch(op: str, module: str, backend: str | None) -> str:
@@ -134,11 +135,13 @@ def triton_or_torch(op: str, module: str, backend: str | None) -> str:
     return "triton"
 
 
-def check_triton_documents(op: str, num_seqs: int, heads: int = 1) -> None:
-    """One-line ValueError when a batch needs more grid rows than CUDA allows on axes 1-2: the linear and Taylor
-    kernels put the document on axis 2 (`heads` = 1 here); the local and landmark kernels still put
-    documents x heads on axis 1 (moving them spilled registers at the checked configurations)."""
-    if num_seqs * heads > MAX_GRID_DOCUMENTS:
-        what = "documents" if heads == 1 else f"documents x heads (H={heads})"
-        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_DOCUMENTS} {what} per call (one grid "
-                         f"row each), got {num_seqs * heads}; split the batch or merge short documents")
+def check_triton_documents(op: str, num_seqs: int, heads: int) -> None:
+    """One-line ValueError for a batch no launch grid can hold. The linear-attention and Taylor kernels put
+    documents x heads on grid axis 0 (up to 2^31 - 1), the local and landmark kernels their tiles on axis 0 and
+    heads on axis 1 (up to 65,535); anything a packed batch with int32 offsets can hold passes."""
+    if heads > MAX_GRID_AXIS12:
+        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_AXIS12} heads (grid axis 1), got "
+                         f"{heads}")
+    if num_seqs * heads > MAX_GRID_AXIS0:
+        raise ValueError(f"{op}: backend='triton' handles at most {MAX_GRID_AXIS0} documents x heads per call "
+                         f"(grid axis 0), got {num_seqs} x {heads}; split the batch")

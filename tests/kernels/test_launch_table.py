@@ -97,25 +97,39 @@ def test_launch_grids_equal_the_launchers(launches):
 
 
 def test_launch_grids_fit_cuda_limits_at_4m_tokens():
-    """At T = 4M tokens, H = 64 every grid axis of every kernel is within CUDA's limits for one document; for
-    65,535 short documents too, except the local and landmark kernels (documents x heads still on axis 1), whose
-    launch refuses such a batch with a one-line error."""
+    """At T = 4M tokens and H = 64 every grid axis of every kernel is within CUDA's limits: one 4M-token document,
+    70,000 short documents (documents x heads = 4.5M, past the 65,535 of axes 1-2), and one long document packed
+    with 69,999 short ones; the launch-time check accepts them all."""
     from lctrain.kernels.grids import grid_violations, launch_grids
-    from lctrain.kernels.utils import MAX_GRID_DOCUMENTS, check_triton_documents
+    from lctrain.kernels.utils import check_triton_documents
 
-    tokens, heads = 4 * 2**20, 64
+    tokens, heads, docs = 4 * 2**20, 64, 70_000
+    short = tokens // docs
     cases = (("gated_delta_rule", (128, 256), {}), ("linear_attention", (128, 128), {}),
              ("titans_linear_memory", (128, 128), {"chunk_size": 16}), ("taylor_linear_attention", (16, 128), {}),
              ("local_attention", (128, 128), {}), ("landmark_attention", (128, 128), {"block_size": 64}))
-    for lengths in ([tokens], [64] * MAX_GRID_DOCUMENTS):
+    batches = ([tokens], [short] * (docs - 1) + [tokens - short * (docs - 1)],
+               [tokens - (docs - 1)] + [1] * (docs - 1))
+    for lengths in batches:
+        assert sum(lengths) == tokens
+        check_triton_documents("local_attention", len(lengths), heads)
         for op, dims, opts in cases:
             grids = launch_grids(op, lengths, heads, *dims, "bf16", **opts)
-            bad = grid_violations(grids)
-            if op in ("local_attention", "landmark_attention") and len(lengths) > 1:
-                assert bad  # documents x heads on axis 1
-                with pytest.raises(ValueError, match="documents x heads"):
-                    check_triton_documents(op, len(lengths), heads)
-            else:
-                assert grids and not bad, (op, len(lengths), bad)
-    with pytest.raises(ValueError, match="at most 65535 documents"):
-        check_triton_documents("linear_attention", MAX_GRID_DOCUMENTS + 1)
+            assert grids and not grid_violations(grids), (op, len(lengths), grid_violations(grids))
+    # the large dimensions are on axis 0: the 70,000-document batch has more programs there than axis 1 allows
+    grids = {}
+    for op, dims, opts in cases:
+        grids.update(launch_grids(op, batches[1], heads, *dims, "bf16", **opts))
+    for name in ("linear_attention_fwd_kernel", "taylor_fwd_kernel", "local_attention_fwd_kernel",
+                 "landmark_fwd_kernel", "landmark_bwd_dkv_kernel"):
+        assert grids[name][0] > 65535, name
+
+
+def test_only_impossible_batches_are_refused():
+    from lctrain.kernels.utils import check_triton_documents
+
+    check_triton_documents("local_attention", 1_000_000, 64)
+    with pytest.raises(ValueError, match="at most 65535 heads"):
+        check_triton_documents("landmark_attention", 1, 65536)
+    with pytest.raises(ValueError, match="documents x heads"):
+        check_triton_documents("linear_attention", 2**26, 64)

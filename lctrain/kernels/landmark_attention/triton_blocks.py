@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lctrain.kernels.addressing import check_row_stride
 from lctrain.kernels.landmark_attention.triton_bwd import landmark_bwd_dkv_kernel, landmark_bwd_dq_kernel
 from lctrain.kernels.landmark_attention.triton_config import (
     BLOCK_TILES,
@@ -19,6 +20,7 @@ from lctrain.kernels.landmark_attention.triton_config import (
     padded_dim,
 )
 from lctrain.kernels.landmark_attention.triton_fwd import landmark_fwd_kernel
+from lctrain.kernels.tiles import tile_table
 
 
 def _nan_like(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -26,36 +28,41 @@ def _nan_like(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) ->
     return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
 
 
-def _query_tiles(max_len: int, block_size: int, block_m: int) -> int:
-    """Grid width of the per-query-tile kernels: cdiv(block_size, BM) tiles for each block of the longest
-    document."""
-    return triton.cdiv(max_len, block_size) * triton.cdiv(block_size, block_m)
+def _query_tiles(host_offsets: torch.Tensor, block_size: int, block_m: int, device) -> torch.Tensor:
+    """Tile table (`lctrain.kernels.tiles`) of the per-query-tile kernels: cdiv(block_size, BM) query tiles for
+    each landmark block of each document, on the kernels' device."""
+    return tile_table(host_offsets, block_size, triton.cdiv(block_size, block_m)).to(device, non_blocking=True)
+
+
+def _blocks(host_offsets: torch.Tensor, block_size: int, device) -> torch.Tensor:
+    """Tile table of the per-block kernel: every landmark block of each document."""
+    return tile_table(host_offsets, block_size).to(device, non_blocking=True)
 
 
 class LandmarkAttentionFunction(torch.autograd.Function):
     """Packed-layout landmark attention.
 
     forward(q, k `[T, H, W]`, v `[T, H, W]` (one padded width W for all three), block_size, scale,
-            cu_seqlens int32 `[N+1]`, max_len: longest document) -> o `[T, H, W]` (q's dtype).
+            cu_seqlens int32 `[N+1]`, host_offsets: the same offsets on the host) -> o `[T, H, W]` (q's dtype).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, block_size, scale, cu_seqlens, max_len):
+    def forward(ctx, q, k, v, block_size, scale, cu_seqlens, host_offsets):
         total, heads, head_dim = q.shape
         value_dim = v.shape[-1]
-        num_seqs = cu_seqlens.numel() - 1
         cfg = launch_config(head_dim, value_dim, block_size, "fwd")
         assert (cfg.block_d, cfg.block_dv) == (head_dim, value_dim), "heads must come padded to their width"
         o = _nan_like((total, heads, value_dim), q, q.dtype)
         lse = _nan_like((total, heads), q, torch.float32)
-        landmark_fwd_kernel[(_query_tiles(max_len, block_size, cfg.block_m), num_seqs * heads)](
-            q, k, v, o, lse, cu_seqlens, scale, heads, block_size,
+        tiles = _query_tiles(host_offsets, block_size, cfg.block_m, q.device)
+        landmark_fwd_kernel[(tiles.shape[0], heads)](
+            q, k, v, o, lse, cu_seqlens, tiles, scale, heads, block_size,
             BM=cfg.block_m, BN=cfg.block_n, D=cfg.block_d, DV=cfg.block_dv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.block_size = block_size
         ctx.scale = scale
-        ctx.max_len = max_len
+        ctx.host_offsets = host_offsets
         return o
 
     @staticmethod
@@ -63,21 +70,22 @@ class LandmarkAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         total, heads, head_dim = q.shape
         value_dim = v.shape[-1]
-        num_seqs = cu_seqlens.numel() - 1
         block_size = ctx.block_size
         d_o = d_o.contiguous()
         delta = (o.float() * d_o.float()).sum(-1).contiguous()  # [T, H]
         dq_cfg = launch_config(head_dim, value_dim, block_size, "bwd_dq")
         dq = _nan_like((total, heads, head_dim), q, torch.float32)
-        landmark_bwd_dq_kernel[(_query_tiles(ctx.max_len, block_size, dq_cfg.block_m), num_seqs * heads)](
-            q, k, v, d_o, lse, delta, dq, cu_seqlens, ctx.scale, heads, block_size,
+        tiles = _query_tiles(ctx.host_offsets, block_size, dq_cfg.block_m, q.device)
+        landmark_bwd_dq_kernel[(tiles.shape[0], heads)](
+            q, k, v, d_o, lse, delta, dq, cu_seqlens, tiles, ctx.scale, heads, block_size,
             BM=dq_cfg.block_m, BN=dq_cfg.block_n, D=dq_cfg.block_d, DV=dq_cfg.block_dv,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
         dkv_cfg = launch_config(head_dim, value_dim, block_size, "bwd_dkv")
         dk = _nan_like((total, heads, head_dim), q, torch.float32)
         dv = _nan_like((total, heads, value_dim), q, torch.float32)
-        landmark_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, block_size), num_seqs * heads)](
-            q, k, v, d_o, lse, delta, dk, dv, cu_seqlens, ctx.scale, heads, block_size,
+        tiles = _blocks(ctx.host_offsets, block_size, q.device)
+        landmark_bwd_dkv_kernel[(tiles.shape[0], heads)](
+            q, k, v, d_o, lse, delta, dk, dv, cu_seqlens, tiles, ctx.scale, heads, block_size,
             BM=dkv_cfg.block_m, BN=dkv_cfg.block_n, D=dkv_cfg.block_d, DV=dkv_cfg.block_dv,
             num_warps=dkv_cfg.num_warps, num_stages=dkv_cfg.num_stages)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
@@ -99,13 +107,14 @@ def triton_landmark_attention(
     """
     batch, length, heads, head_dim = q.shape
     value_dim = v.shape[-1]
+    check_row_stride("landmark_attention", heads * padded_dim(max(head_dim, value_dim)))
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
-        max_len = length
+        host = torch.arange(0, batch + 1, dtype=torch.int32) * length
+        cu_seqlens = host.to(q.device)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # no device read when given
-        max_len = int((host[1:] - host[:-1]).max())
+    max_len = int((host[1:] - host[:-1]).max())
     if max_len == 0:
         return q.new_zeros(batch, length, heads, value_dim)
     width = padded_dim(max(head_dim, value_dim))
@@ -114,7 +123,7 @@ def triton_landmark_attention(
         q.reshape(batch * length, heads, width).contiguous(),
         k.reshape(batch * length, heads, width).contiguous(),
         v.reshape(batch * length, heads, width).contiguous(),
-        block_size, float(scale), cu_seqlens, max_len)
+        block_size, float(scale), cu_seqlens, host)
     return o.view(batch, length, heads, width)[..., :value_dim]
 
 
@@ -127,7 +136,7 @@ def aot_specs(dtype: str, head_dims: list[int] | None = None, block_tiles: list[
     from lctrain.kernels.aot import AotSpec, pointer_attrs  # imported lazily: aot imports this module by name
 
     elem = f"*{dtype}"
-    dims = {"cu_seqlens": "*i32", "scale": "fp32", "H": "i32", "BLOCK": "i32"}
+    dims = {"cu_seqlens": "*i32", "tiles": "*i32", "scale": "fp32", "H": "i32", "BLOCK": "i32"}
     tiles = {"BM": "constexpr", "BN": "constexpr", "D": "constexpr", "DV": "constexpr"}
     signatures = {
         ("fwd", landmark_fwd_kernel): {

@@ -1,6 +1,6 @@
 """Triton forward kernel of `landmark_attention`.
 
-One program per (query tile, sequence * head); a query tile is `BM` rows inside one landmark block b (blocks of
+One program per (query tile of one document, head); a query tile is `BM` rows inside one landmark block b (blocks of
 L = `block_size` tokens from each document start). For every earlier block c < b the program loads the whole
 block as one key tile (`BN` >= L rows; column L - 1 is the landmark) and computes, per query row i,
 
@@ -14,20 +14,25 @@ pass; statistics and accumulators are fp32. Like full causal attention, every qu
 (O(T^2) work in training); the landmarks make retrieval blockwise, not the training cost smaller.
 
 Layouts (contiguous, packed): q, k `[T_total, H, D]`, v and o `[T_total, H, DV]`, lse `[T_total, H]` fp32,
-cu_seqlens int32 `[N+1]`. D and DV are compile-time widths (powers of two >= 16; the caller zero-pads heads),
-so whole rows load without column masks.
+cu_seqlens int32 `[N+1]`, tiles int32 `[NT, 2]`. D and DV are compile-time widths (powers of two >= 16; the
+caller zero-pads heads), so whole rows load without column masks.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from lctrain.kernels.addressing import split_row
+
 
 @triton.jit
-def load_rows(base, offs, valid, row_stride, W: tl.constexpr):
-    """[len(offs), W] tile of rows `offs` of a `[T, row_stride]` view; rows not `valid` read as zeros.
-    A whole row is valid or not, so the loads vectorise along it."""
-    return tl.load(base + offs[:, None] * row_stride + tl.arange(0, W)[None, :], mask=valid[:, None], other=0.0)
+def load_rows(base, first, offs, valid, row_stride, W: tl.constexpr):
+    """[len(offs), W] tile of rows `first + offs` of a `[T, row_stride]` view; rows not `valid` read as zeros.
+    `first` (a scalar) is split by `split_row`: token * stride passes 2^31 in one long document, the tile's own
+    offsets stay 32-bit. A whole row is valid or not, so the loads vectorise along it."""
+    high, low = split_row(first)
+    return tl.load(base + high * row_stride + (low + offs)[:, None] * row_stride + tl.arange(0, W)[None, :],
+                   mask=valid[:, None], other=0.0)
 
 
 @triton.jit
@@ -44,31 +49,31 @@ def query_tile(i_t, BLOCK, length, BM: tl.constexpr):
 
 @triton.jit
 def landmark_fwd_kernel(
-    q, k, v, o, lse, cu_seqlens,
+    q, k, v, o, lse, cu_seqlens, tiles,
     scale, H, BLOCK,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
+    # Grid: (query tile of some document, head). Axis 0 walks the tile table `tiles` ([NT, 2] int32: document,
+    # query tile within it; see `lctrain.kernels.tiles`), so any number of documents and tokens fits CUDA's grid.
+    i_h = tl.program_id(1)
+    i_n = tl.load(tiles + 2 * tl.program_id(0))
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
-    b, start, rows, offs_m, valid_m = query_tile(i_t, BLOCK, length, BM)
-    if start >= length:  # the grid covers the longest document; shorter ones have nothing here
+    b, start, rows, offs_m, valid_m = query_tile(tl.load(tiles + 2 * tl.program_id(0) + 1), BLOCK, length, BM)
+    if start >= length:  # a short last block has fewer query tiles than the table lists
         return
-    # 64-bit base pointers for this (sequence, head); in-sequence offsets stay 32-bit.
+    # 64-bit base pointers for this (sequence, head); token offsets widen in `load_rows` and below.
     bos64 = tl.cast(bos, tl.int64)
     q_seq = q + (bos64 * H + i_h) * D
     k_seq = k + (bos64 * H + i_h) * D
     v_seq = v + (bos64 * H + i_h) * DV
-    o_seq = o + (bos64 * H + i_h) * DV
-    lse_seq = lse + bos64 * H + i_h
+    row_tile = (bos64 + tl.cast(start, tl.int64)) * H + i_h  # the query tile's first row
+    tile_m = tl.arange(0, BM)
 
     cols = tl.arange(0, BN)
     member = cols < BLOCK - 1  # non-landmark columns of a complete block
     is_landmark = cols == BLOCK - 1
-    b_q = load_rows(q_seq, offs_m, valid_m, H * D, D)
+    b_q = load_rows(q_seq, start, tile_m, valid_m, H * D, D)
     m_i = tl.full([BM], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, DV], dtype=tl.float32)
@@ -78,8 +83,8 @@ def landmark_fwd_kernel(
         # loop-dependent, so the compiler does not hoist them out of the loop into registers. The landmark's
         # value is never used and is not loaded.
         offs_n = block_start + cols
-        b_k = load_rows(k_seq, offs_n, (cols < BLOCK) & (offs_n < length), H * D, D)
-        b_v = load_rows(v_seq, offs_n, member & (offs_n < length), H * DV, DV)
+        b_k = load_rows(k_seq, block_start, cols, (cols < BLOCK) & (offs_n < length), H * D, D)
+        b_v = load_rows(v_seq, block_start, cols, member & (offs_n < length), H * DV, DV)
         scores = tl.dot(b_q, tl.trans(b_k)) * scale
         gate_score = tl.sum(tl.where(is_landmark[None, :], scores, 0.0), axis=1)
         inner = tl.where(member[None, :], scores, float("-inf"))
@@ -95,8 +100,8 @@ def landmark_fwd_kernel(
         m_i = m_new
     # Own block: non-landmark keys j <= i (column BLOCK - 1 exists only in a complete block, as its landmark).
     offs_n = b * BLOCK + cols
-    b_k = load_rows(k_seq, offs_n, (cols < BLOCK) & (offs_n < length), H * D, D)
-    b_v = load_rows(v_seq, offs_n, member & (offs_n < length), H * DV, DV)
+    b_k = load_rows(k_seq, b * BLOCK, cols, (cols < BLOCK) & (offs_n < length), H * D, D)
+    b_v = load_rows(v_seq, b * BLOCK, cols, member & (offs_n < length), H * DV, DV)
     scores = tl.dot(b_q, tl.trans(b_k)) * scale
     own = (cols[None, :] <= rows[:, None]) & member[None, :]
     scores = tl.where(own, scores, float("-inf"))
@@ -108,6 +113,6 @@ def landmark_fwd_kernel(
     m_i = m_new
     # Every group is non-empty (a landmark query still sees its block's first token), so l_i > 0 on valid rows.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_seq + offs_m[:, None] * (H * DV) + tl.arange(0, DV)[None, :], tl.fdiv(acc, l_safe[:, None]),
-             mask=valid_m[:, None])
-    tl.store(lse_seq + offs_m * H, m_i + tl.log(l_safe), mask=valid_m)
+    tl.store(o + row_tile * DV + tile_m[:, None] * (H * DV) + tl.arange(0, DV)[None, :],
+             tl.fdiv(acc, l_safe[:, None]), mask=valid_m[:, None])
+    tl.store(lse + row_tile + tile_m * H, m_i + tl.log(l_safe), mask=valid_m)

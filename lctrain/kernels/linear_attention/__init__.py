@@ -68,7 +68,7 @@ def linear_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
-        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
         _validate_for_triton(q)
     o, final = _linear_op(q, k, v, log_decay, initial_state, device_cu_seqlens(cu_seqlens, host, q.device), host,
                           float(scale), bool(output_final_state), chosen)

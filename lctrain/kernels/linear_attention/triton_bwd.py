@@ -1,6 +1,6 @@
 """Triton backward kernels of `linear_attention`.
 
-Two kernels, each one program per (key block * value block, sequence * head) walking its token range (chunk-local
+Two kernels, each one program per (sequence * head, key block * value block) walking its token range (chunk-local
 inclusive cumulative log-gates b_i, chunk length C, scale s); they are separate launches so each keeps fewer
 tiles live in registers:
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lctrain.kernels.addressing import split_row
+
 
 @triton.jit
 def linear_attention_bwd_dq_kernel(
@@ -34,17 +36,16 @@ def linear_attention_bwd_dq_kernel(
     scale, total_tokens, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    # grid and 64-bit addressing as in the forward kernel
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
     num_v_blocks = tl.cdiv(V, BV)
-    i_k = tl.program_id(0) // num_v_blocks
-    i_v = tl.program_id(0) % num_v_blocks
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    i_k = tl.program_id(1) // num_v_blocks
+    i_v = tl.program_id(1) % num_v_blocks
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
     num_chunks = tl.cdiv(length, BT)
-    # 64-bit base pointers for this (sequence, head); in-sequence offsets stay 32-bit to save registers.
     row0 = tl.cast(bos, tl.int64) * H + i_h
     q_seq = q + row0 * K
     k_seq = k + row0 * K
@@ -67,14 +68,16 @@ def linear_attention_bwd_dq_kernel(
     # dq, recomputing the entering state of each chunk forward in time.
     state = tl.load(initial_state + state_offs, mask=mask_state, other=0.0).to(tl.float32)
     for i_c in range(0, num_chunks):
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         mask_tk = valid[:, None] & mask_k[None, :]
         mask_tv = valid[:, None] & mask_v[None, :]
-        b_k = tl.load(k_seq + t_local[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
-        b_v = tl.load(v_seq + t_local[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
-        b_do = tl.load(do_seq + t_local[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
-        b_g = tl.load(g_seq + t_local * H, mask=valid, other=0.0).to(tl.float32)
+        b_k = tl.load(k_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
+        b_v = tl.load(v_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
+        b_do = tl.load(do_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], mask=mask_tv,
+                       other=0.0)
+        b_g = tl.load(g_seq + t0 * H + rows * H, mask=valid, other=0.0).to(tl.float32)
         cum = tl.cumsum(b_g, axis=0)
         total = tl.sum(b_g, axis=0)
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
@@ -82,8 +85,7 @@ def linear_attention_bwd_dq_kernel(
         do_v = tl.dot(b_do, tl.trans(b_v)) * decay  # [i, j] = (do_i . v_j) decay
         b_dq = tl.dot(do_v.to(b_k.dtype), b_k)
         b_dq += tl.dot(b_do, tl.trans(state.to(b_do.dtype))) * tl.exp(cum)[:, None]
-        tl.store(dq_seq + t_local[:, None] * (H * K) + offs_k[None, :], b_dq * scale,
-                 mask=mask_tk)
+        tl.store(dq_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :], b_dq * scale, mask=mask_tk)
 
         k_to_end = (b_k * tl.exp(total - cum)[:, None]).to(b_k.dtype)
         state = state * tl.exp(total) + tl.dot(tl.trans(k_to_end), b_v)
@@ -95,17 +97,16 @@ def linear_attention_bwd_dkv_kernel(
     scale, total_tokens, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    # grid and 64-bit addressing as in the forward kernel
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
     num_v_blocks = tl.cdiv(V, BV)
-    i_k = tl.program_id(0) // num_v_blocks
-    i_v = tl.program_id(0) % num_v_blocks
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    i_k = tl.program_id(1) // num_v_blocks
+    i_v = tl.program_id(1) % num_v_blocks
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
     num_chunks = tl.cdiv(length, BT)
-    # 64-bit base pointers for this (sequence, head); in-sequence offsets stay 32-bit to save registers.
     row0 = tl.cast(bos, tl.int64) * H + i_h
     q_seq = q + row0 * K
     k_seq = k + row0 * K
@@ -130,15 +131,17 @@ def linear_attention_bwd_dkv_kernel(
     d_state = tl.load(d_final_state + state_offs, mask=mask_state, other=0.0).to(tl.float32)
     for i_rev in range(0, num_chunks):
         i_c = num_chunks - 1 - i_rev
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         mask_tk = valid[:, None] & mask_k[None, :]
         mask_tv = valid[:, None] & mask_v[None, :]
-        b_q = tl.load(q_seq + t_local[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
-        b_k = tl.load(k_seq + t_local[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
-        b_v = tl.load(v_seq + t_local[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
-        b_do = tl.load(do_seq + t_local[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
-        b_g = tl.load(g_seq + t_local * H, mask=valid, other=0.0).to(tl.float32)
+        b_q = tl.load(q_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
+        b_k = tl.load(k_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :], mask=mask_tk, other=0.0)
+        b_v = tl.load(v_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], mask=mask_tv, other=0.0)
+        b_do = tl.load(do_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], mask=mask_tv,
+                       other=0.0)
+        b_g = tl.load(g_seq + t0 * H + rows * H, mask=valid, other=0.0).to(tl.float32)
         cum = tl.cumsum(b_g, axis=0)
         total = tl.sum(b_g, axis=0)
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
@@ -150,9 +153,8 @@ def linear_attention_bwd_dkv_kernel(
         b_dk += tl.dot(b_v, tl.trans(d_state.to(b_v.dtype))) * to_end
         b_dv = tl.dot(tl.trans(scores).to(b_do.dtype), b_do) * scale
         b_dv += tl.dot(b_k, d_state.to(b_k.dtype)) * to_end
-        tl.store(dk_seq + t_local[:, None] * (H * K) + offs_k[None, :], b_dk, mask=mask_tk)
-        tl.store(dv_seq + t_local[:, None] * (H * V) + offs_v[None, :], b_dv,
-                 mask=mask_tv)
+        tl.store(dk_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :], b_dk, mask=mask_tk)
+        tl.store(dv_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], b_dv, mask=mask_tv)
 
         q_from_start = (b_q * tl.exp(cum)[:, None]).to(b_q.dtype)
         d_state = d_state * tl.exp(total) + tl.dot(tl.trans(q_from_start), b_do) * scale
@@ -182,17 +184,19 @@ def linear_attention_dlog_decay_kernel(
     carry = tl.load(final_term + i_nh).to(tl.float32)
     for i_rev in range(0, num_chunks):
         i_c = num_chunks - 1 - i_rev
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
-        offs = row0 * K + t_local[:, None] * (H * K) + offs_k[None, :]
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        row = row0 + t0 * H
+        valid = i_c * BT + offs_t < length
+        offs = rows[:, None] * (H * K) + offs_k[None, :]
         mask = valid[:, None] & mask_k[None, :]
-        b_q = tl.load(q + offs, mask=mask, other=0.0).to(tl.float32)
-        b_k = tl.load(k + offs, mask=mask, other=0.0).to(tl.float32)
-        b_dq = tl.load(dq + offs, mask=mask, other=0.0)
-        b_dk = tl.load(dk + offs, mask=mask, other=0.0)
+        b_q = tl.load(q + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+        b_k = tl.load(k + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+        b_dq = tl.load(dq + row * K + offs, mask=mask, other=0.0)
+        b_dk = tl.load(dk + row * K + offs, mask=mask, other=0.0)
         d_cum = tl.sum(b_q * b_dq - b_k * b_dk, axis=1)  # dL/dB_t
         chunk_total = tl.sum(d_cum, axis=0)
         # sum_{s >= t} within the chunk = chunk total - exclusive prefix sum.
         suffix = chunk_total - tl.cumsum(d_cum, axis=0) + d_cum
-        tl.store(dg + row0 + t_local * H, suffix + carry, mask=valid)
+        tl.store(dg + row + rows * H, suffix + carry, mask=valid)
         carry += chunk_total

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from lctrain.kernels.addressing import check_row_stride
 from lctrain.kernels.linear_attention.triton_bwd import (
     linear_attention_bwd_dkv_kernel,
     linear_attention_bwd_dq_kernel,
@@ -49,7 +50,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         # Linear attention splits exactly over key blocks: each writes an fp32 partial output, summed here.
         o_part = _nan_like((num_k_blocks, total, heads, value_dim), q, torch.float32)
         final = _nan_like((num_seqs, heads, key_dim, value_dim), q, torch.float32)
-        linear_attention_fwd_kernel[(num_k_blocks * num_v_blocks, heads, num_seqs)](
+        linear_attention_fwd_kernel[(num_seqs * heads, num_k_blocks * num_v_blocks)](
             q, k, v, gates, entering, o_part, final, cu_seqlens, scale, total, heads, key_dim, value_dim,
             BT=cfg.chunk, BK=cfg.block_k, BV=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         o = o_part.sum(0).to(q.dtype)
@@ -72,7 +73,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         # Both backward kernels split K and V the same way, so the partial buffers line up.
         assert (dq_cfg.block_k, dq_cfg.block_v) == (dkv_cfg.block_k, dkv_cfg.block_v)
         num_k_blocks, num_v_blocks = triton.cdiv(key_dim, dq_cfg.block_k), triton.cdiv(value_dim, dq_cfg.block_v)
-        grid = (num_k_blocks * num_v_blocks, heads, num_seqs)
+        grid = (num_seqs * heads, num_k_blocks * num_v_blocks)
         d_o = d_o.contiguous()
         d_final = torch.zeros_like(final) if d_final is None else d_final.float().contiguous()
 
@@ -118,6 +119,7 @@ def triton_linear_attention(
     cu_seqlens `[N+1]` (B == 1) or None. Returns o `[B, T, H, V]` and the fp32 final state or None.
     """
     batch, length, heads, key_dim = q.shape
+    check_row_stride("linear_attention", heads * max(key_dim, v.shape[-1]))
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
     else:

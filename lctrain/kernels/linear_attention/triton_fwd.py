@@ -1,6 +1,6 @@
 """Triton forward kernel of `linear_attention` (Lightning-Attention-2 chunked form).
 
-One program per (key block * value block, sequence * head) walks its own token range
+One program per (sequence * head, key block * value block) walks its own token range
 `[cu_seqlens[n], cu_seqlens[n+1])` chunk by chunk, keeping its `[BK, BV]` state slice in fp32 registers.
 Packed documents need no padding copy, and the sequence length is a runtime value, so a new length never
 recompiles the kernel. The recurrence is linear in the key dim, so each key block produces an exact partial
@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lctrain.kernels.addressing import split_row
+
 
 @triton.jit
 def linear_attention_fwd_kernel(
@@ -21,16 +23,18 @@ def linear_attention_fwd_kernel(
     scale, total_tokens, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    # documents x heads on grid axis 0 (up to 2^31 - 1 programs; axes 1-2 stop at 65,535), key x value blocks
+    # on axis 1
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
     num_v_blocks = tl.cdiv(V, BV)
-    i_k = tl.program_id(0) // num_v_blocks
-    i_v = tl.program_id(0) % num_v_blocks
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    i_k = tl.program_id(1) // num_v_blocks
+    i_v = tl.program_id(1) % num_v_blocks
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
-    # 64-bit base pointers for this (sequence, head); in-sequence offsets stay 32-bit to save registers.
+    # 64-bit base pointers for this (sequence, head), advanced by a 64-bit scalar per chunk: token * row stride
+    # passes 2^31 in one long document. Offsets inside a chunk tile stay 32-bit (they cost registers).
     row0 = tl.cast(bos, tl.int64) * H + i_h
     q_seq = q + row0 * K
     k_seq = k + row0 * K
@@ -50,17 +54,18 @@ def linear_attention_fwd_kernel(
     state = tl.load(initial_state + state_seq + state_offs, mask=mask_state, other=0.0).to(tl.float32)
 
     for i_c in range(0, tl.cdiv(length, BT)):
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         # Rows past the end (and columns past K, V) read as zero: they add nothing to the state and
         # leave the decay unchanged.
-        b_q = tl.load(q_seq + t_local[:, None] * (H * K) + offs_k[None, :],
+        b_q = tl.load(q_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :],
                       mask=valid[:, None] & mask_k[None, :], other=0.0)
-        b_k = tl.load(k_seq + t_local[:, None] * (H * K) + offs_k[None, :],
+        b_k = tl.load(k_seq + t0 * (H * K) + rows[:, None] * (H * K) + offs_k[None, :],
                       mask=valid[:, None] & mask_k[None, :], other=0.0)
-        b_v = tl.load(v_seq + t_local[:, None] * (H * V) + offs_v[None, :],
+        b_v = tl.load(v_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :],
                       mask=valid[:, None] & mask_v[None, :], other=0.0)
-        b_g = tl.load(g_seq + t_local * H, mask=valid, other=0.0).to(tl.float32)
+        b_g = tl.load(g_seq + t0 * H + rows * H, mask=valid, other=0.0).to(tl.float32)
         cum = tl.cumsum(b_g, axis=0)  # b_i: inclusive chunk-local log-decay
         total = tl.sum(b_g, axis=0)  # b_C
 
@@ -72,7 +77,7 @@ def linear_attention_fwd_kernel(
         # Inter-chunk: exp(b_i) q_i^T S_entering.
         q_from_start = (b_q * tl.exp(cum)[:, None]).to(b_q.dtype)
         b_o += tl.dot(q_from_start, state.to(b_q.dtype))
-        tl.store(o_seq + t_local[:, None] * (H * V) + offs_v[None, :], b_o * scale,
+        tl.store(o_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], b_o * scale,
                  mask=valid[:, None] & mask_v[None, :])
 
         # Hand-off: S <- exp(b_C) S + sum_j exp(b_C - b_j) k_j v_j^T.

@@ -37,8 +37,8 @@ def launch_config(head_dim: int, value_dim: int, kernel: str) -> LaunchConfig:
 
     Sizes chosen so every configuration compiles for sm_80 and sm_90 in bf16 and fp32 without register spills
     (checked by `python -m lctrain.kernels.aot`): the backward kernels keep more tiles live (q, k, v, do, two
-    score tiles, two accumulators) and use 32 x 32 blocks, and heads of 64 or more get 8 warps (with 4, fp32
-    tiles of 128-wide heads spill on sm_80).
+    score tiles, two accumulators) and use 32 x 32 blocks (32 x 16 for dq of 128-wide heads), and heads of 64 or
+    more get 8 warps (with 4, fp32 tiles of 128-wide heads spill on sm_80).
     """
     for name, dim in (("D", head_dim), ("Dv", value_dim)):
         if dim < 1 or dim > MAX_HEAD_DIM:
@@ -48,6 +48,9 @@ def launch_config(head_dim: int, value_dim: int, kernel: str) -> LaunchConfig:
         raise ValueError(f"local_attention: kernel={kernel!r} is not one of {KERNELS}")
     width = padded_dim(max(head_dim, value_dim))
     warps = 8 if width >= 64 else 4
+    # 128-wide heads take 16-key blocks in the forward and dq kernels: with 32, the 64-bit key-block addressing
+    # tips fp32 into spills (8-32 bytes on sm_80 / sm_90).
+    block_n = 16 if width >= 128 and kernel != "bwd_dkv" else 32
     if kernel == "fwd":
-        return LaunchConfig(64, 32, width, width, num_warps=warps, num_stages=1)
-    return LaunchConfig(32, 32, width, width, num_warps=warps, num_stages=1)
+        return LaunchConfig(64, block_n, width, width, num_warps=warps, num_stages=1)
+    return LaunchConfig(32, block_n, width, width, num_warps=warps, num_stages=1)

@@ -1,6 +1,6 @@
 """Triton forward kernel of `local_attention` (flash-attention style, banded).
 
-One program per (query block, sequence * head). Its queries `[m0, m0 + BM)` (document-local) can only see
+One program per (query block of one document, head). Its queries `[m0, m0 + BM)` (document-local) can only see
 
 * sink keys `[0, min(S, band_start))`, and
 * band keys `[band_start, min(m0 + BM, L))` with `band_start` = `max(0, m0 - W + 1)` rounded down to a key block,
@@ -12,12 +12,15 @@ every row is saved for the backward pass.
 
 Layouts (contiguous, packed): q `[T_total, H, D]`, k `[T_total, Hkv, D]`, v `[T_total, Hkv, Dv]`, o
 `[T_total, H, Dv]`, lse `[T_total, H]` fp32, window/sink int32 `[H]` (clamped to the longest document by the
-caller so no bound overflows), cu_seqlens int32 `[N+1]`. Query head h reads kv head h // (H / Hkv).
+caller so no bound overflows), cu_seqlens int32 `[N+1]`, tiles int32 `[NT, 2]`. Query head h reads kv head
+h // (H / Hkv).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from lctrain.kernels.addressing import split_row
 
 
 @triton.jit
@@ -41,13 +44,15 @@ def key_ranges(m0, window, sink, BM: tl.constexpr, BN: tl.constexpr, length):
 def _attend_key_block(acc, m_i, l_i, b_q, k_seq, v_seq, n0, offs_m, length, window, sink, scale,
                       KV_STRIDE_K, KV_STRIDE_V, D, DV,
                       BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+    n0_64, n0_low = split_row(n0)  # 64-bit high part, 32-bit low part of the key block start
+    rows = n0_low + tl.arange(0, BN)
     offs_n = n0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     valid_n = offs_n < length
-    b_k = tl.load(k_seq + offs_n[:, None] * KV_STRIDE_K + offs_d[None, :],
+    b_k = tl.load(k_seq + n0_64 * KV_STRIDE_K + rows[:, None] * KV_STRIDE_K + offs_d[None, :],
                   mask=valid_n[:, None] & (offs_d < D)[None, :], other=0.0)
-    b_v = tl.load(v_seq + offs_n[:, None] * KV_STRIDE_V + offs_dv[None, :],
+    b_v = tl.load(v_seq + n0_64 * KV_STRIDE_V + rows[:, None] * KV_STRIDE_V + offs_dv[None, :],
                   mask=valid_n[:, None] & (offs_dv < DV)[None, :], other=0.0)
     scores = tl.dot(b_q, tl.trans(b_k)) * scale
     scores = tl.where(allowed_pairs(offs_m, offs_n, length, window, sink), scores, float("-inf"))
@@ -62,35 +67,37 @@ def _attend_key_block(acc, m_i, l_i, b_q, k_seq, v_seq, n0, offs_m, length, wind
 
 @triton.jit
 def local_attention_fwd_kernel(
-    q, k, v, o, lse, window_ptr, sink_ptr, cu_seqlens,
+    q, k, v, o, lse, window_ptr, sink_ptr, cu_seqlens, tiles,
     scale, H, HKV, D, DV,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // H
-    i_h = i_nh % H
+    # Grid: (query block of some document, head). Axis 0 walks the tile table `tiles` ([NT, 2] int32: document,
+    # block within it; see `lctrain.kernels.tiles`), so any number of documents and tokens fits CUDA's grid.
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(tiles + 2 * i_t)
+    m0 = tl.load(tiles + 2 * i_t + 1) * BM
     i_hkv = i_h // (H // HKV)
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
-    m0 = i_m * BM
-    if m0 >= length:  # the grid covers the longest document; shorter ones have nothing here
-        return
     window = tl.load(window_ptr + i_h)
     sink = tl.load(sink_ptr + i_h)
-    # 64-bit base pointers for this (sequence, head); in-sequence offsets stay 32-bit.
+    # 64-bit base pointers for this (sequence, head) and 64-bit scalar block starts: token * row stride passes
+    # 2^31 in one long document. Offsets inside a tile stay 32-bit (they cost registers).
     bos64 = tl.cast(bos, tl.int64)
-    q_seq = q + (bos64 * H + i_h) * D
+    m0_64 = tl.cast(m0, tl.int64)
+    q_blk = q + ((bos64 + m0_64) * H + i_h) * D
     k_seq = k + (bos64 * HKV + i_hkv) * D
     v_seq = v + (bos64 * HKV + i_hkv) * DV
-    o_seq = o + (bos64 * H + i_h) * DV
-    lse_seq = lse + bos64 * H + i_h
+    o_blk = o + ((bos64 + m0_64) * H + i_h) * DV
+    lse_blk = lse + (bos64 + m0_64) * H + i_h
 
-    offs_m = m0 + tl.arange(0, BM)
+    rows = tl.arange(0, BM)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     valid_m = offs_m < length
-    b_q = tl.load(q_seq + offs_m[:, None] * (H * D) + offs_d[None, :],
+    b_q = tl.load(q_blk + rows[:, None] * (H * D) + offs_d[None, :],
                   mask=valid_m[:, None] & (offs_d < D)[None, :], other=0.0)
     m_i = tl.full([BM], -1e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -104,6 +111,6 @@ def local_attention_fwd_kernel(
                                           scale, HKV * D, HKV * DV, D, DV, BN, BD, BDV)
     # Every valid query sees at least itself, so l_i > 0 there; padded rows are not stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_seq + offs_m[:, None] * (H * DV) + offs_dv[None, :], acc / l_safe[:, None],
+    tl.store(o_blk + rows[:, None] * (H * DV) + offs_dv[None, :], acc / l_safe[:, None],
              mask=valid_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(lse_seq + offs_m * H, m_i + tl.log(l_safe), mask=valid_m)
+    tl.store(lse_blk + rows * H, m_i + tl.log(l_safe), mask=valid_m)

@@ -6,8 +6,8 @@ kernels only ever see the packed (`cu_seqlens`) layout and never copy documents 
 from __future__ import annotations
 
 import torch
-import triton
 
+from lctrain.kernels.addressing import check_row_stride
 from lctrain.kernels.local_attention.common import per_head_spans
 from lctrain.kernels.local_attention.triton_bwd import (
     local_attention_bwd_dkv_kernel,
@@ -15,6 +15,7 @@ from lctrain.kernels.local_attention.triton_bwd import (
 )
 from lctrain.kernels.local_attention.triton_config import SUPPORTED_HEAD_DIMS, launch_config
 from lctrain.kernels.local_attention.triton_fwd import local_attention_fwd_kernel
+from lctrain.kernels.tiles import tile_table
 
 
 def _nan_like(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -22,28 +23,33 @@ def _nan_like(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) ->
     return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
 
 
+def _tiles(host_offsets: torch.Tensor, tile: int, device) -> torch.Tensor:
+    """The tile table (`lctrain.kernels.tiles`) of `tile`-token blocks, on the kernels' device."""
+    return tile_table(host_offsets, tile).to(device, non_blocking=True)
+
+
 class LocalAttentionFunction(torch.autograd.Function):
     """Packed-layout local attention.
 
     forward(q `[T, H, D]`, k `[T, Hkv, D]`, v `[T, Hkv, Dv]`, window/sink int32 `[H]`, scale,
-            cu_seqlens int32 `[N+1]`, max_len: longest document) -> o `[T, H, Dv]` (q's dtype).
+            cu_seqlens int32 `[N+1]`, host_offsets: the same offsets on the host) -> o `[T, H, Dv]` (q's dtype).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, window, sink, scale, cu_seqlens, max_len):
+    def forward(ctx, q, k, v, window, sink, scale, cu_seqlens, host_offsets):
         total, heads, head_dim = q.shape
         kv_heads, value_dim = v.shape[1], v.shape[2]
-        num_seqs = cu_seqlens.numel() - 1
         cfg = launch_config(head_dim, value_dim, "fwd")
         o = _nan_like((total, heads, value_dim), q, q.dtype)
         lse = _nan_like((total, heads), q, torch.float32)
-        local_attention_fwd_kernel[(triton.cdiv(max_len, cfg.block_m), num_seqs * heads)](
-            q, k, v, o, lse, window, sink, cu_seqlens, scale, heads, kv_heads, head_dim, value_dim,
+        tiles = _tiles(host_offsets, cfg.block_m, q.device)
+        local_attention_fwd_kernel[(tiles.shape[0], heads)](
+            q, k, v, o, lse, window, sink, cu_seqlens, tiles, scale, heads, kv_heads, head_dim, value_dim,
             BM=cfg.block_m, BN=cfg.block_n, BD=cfg.block_d, BDV=cfg.block_dv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, o, lse, window, sink, cu_seqlens)
         ctx.scale = scale
-        ctx.max_len = max_len
+        ctx.host_offsets = host_offsets
         return o
 
     @staticmethod
@@ -51,21 +57,22 @@ class LocalAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, window, sink, cu_seqlens = ctx.saved_tensors
         total, heads, head_dim = q.shape
         kv_heads, value_dim = v.shape[1], v.shape[2]
-        num_seqs = cu_seqlens.numel() - 1
         d_o = d_o.contiguous()
         delta = (o.float() * d_o.float()).sum(-1).contiguous()  # [T, H]
         dq_cfg = launch_config(head_dim, value_dim, "bwd_dq")
         dq = _nan_like((total, heads, head_dim), q, torch.float32)
-        local_attention_bwd_dq_kernel[(triton.cdiv(ctx.max_len, dq_cfg.block_m), num_seqs * heads)](
-            q, k, v, d_o, lse, delta, dq, window, sink, cu_seqlens, ctx.scale, heads, kv_heads, head_dim,
+        tiles = _tiles(ctx.host_offsets, dq_cfg.block_m, q.device)
+        local_attention_bwd_dq_kernel[(tiles.shape[0], heads)](
+            q, k, v, d_o, lse, delta, dq, window, sink, cu_seqlens, tiles, ctx.scale, heads, kv_heads, head_dim,
             value_dim, BM=dq_cfg.block_m, BN=dq_cfg.block_n, BD=dq_cfg.block_d, BDV=dq_cfg.block_dv,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages)
         dkv_cfg = launch_config(head_dim, value_dim, "bwd_dkv")
         dk_head = _nan_like((total, heads, head_dim), q, torch.float32)
         dv_head = _nan_like((total, heads, value_dim), q, torch.float32)
-        local_attention_bwd_dkv_kernel[(triton.cdiv(ctx.max_len, dkv_cfg.block_n), num_seqs * heads)](
-            q, k, v, d_o, lse, delta, dk_head, dv_head, window, sink, cu_seqlens, ctx.scale, heads, kv_heads,
-            head_dim, value_dim, BM=dkv_cfg.block_m, BN=dkv_cfg.block_n, BD=dkv_cfg.block_d,
+        tiles = _tiles(ctx.host_offsets, dkv_cfg.block_n, q.device)
+        local_attention_bwd_dkv_kernel[(tiles.shape[0], heads)](
+            q, k, v, d_o, lse, delta, dk_head, dv_head, window, sink, cu_seqlens, tiles, ctx.scale, heads,
+            kv_heads, head_dim, value_dim, BM=dkv_cfg.block_m, BN=dkv_cfg.block_n, BD=dkv_cfg.block_d,
             BDV=dkv_cfg.block_dv, num_warps=dkv_cfg.num_warps, num_stages=dkv_cfg.num_stages)
         group = heads // kv_heads
         dk = dk_head.view(total, kv_heads, group, head_dim).sum(2)
@@ -90,13 +97,14 @@ def triton_local_attention(
     """
     batch, length, heads, head_dim = q.shape
     kv_heads, value_dim = k.shape[2], v.shape[-1]
+    check_row_stride("local_attention", heads * max(head_dim, value_dim))
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
-        max_len = length
+        host = torch.arange(0, batch + 1, dtype=torch.int32) * length
+        cu_seqlens = host.to(q.device)
     else:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         host = cu_seqlens.cpu() if cu_seqlens_cpu is None else cu_seqlens_cpu  # no device read when given
-        max_len = int((host[1:] - host[:-1]).max())
+    max_len = int((host[1:] - host[:-1]).max())
     windows, sinks = per_head_spans(window, sink, heads, q.device)
     # Spans beyond the longest document change nothing; clamping keeps every loop bound inside int32.
     windows = windows.clamp(max=max(max_len, 1)).to(torch.int32).contiguous()
@@ -107,7 +115,7 @@ def triton_local_attention(
         q.reshape(batch * length, heads, head_dim).contiguous(),
         k.reshape(batch * length, kv_heads, head_dim).contiguous(),
         v.reshape(batch * length, kv_heads, value_dim).contiguous(),
-        windows, sinks, float(scale), cu_seqlens, max_len)
+        windows, sinks, float(scale), cu_seqlens, host)
     return o.view(batch, length, heads, value_dim)
 
 
@@ -125,13 +133,13 @@ def aot_specs(dtype: str, head_dims: list[tuple[int, int]] | None = None) -> lis
     blocks = {"BM": "constexpr", "BN": "constexpr", "BD": "constexpr", "BDV": "constexpr"}
     signatures = {
         ("fwd", local_attention_fwd_kernel): {
-            "q": elem, "k": elem, "v": elem, "o": elem, "lse": "*fp32", **spans, **dims, **blocks},
+            "q": elem, "k": elem, "v": elem, "o": elem, "lse": "*fp32", **spans, "tiles": "*i32", **dims, **blocks},
         ("bwd_dq", local_attention_bwd_dq_kernel): {
             "q": elem, "k": elem, "v": elem, "d_o": elem, "lse": "*fp32", "delta": "*fp32", "dq": "*fp32",
-            **spans, **dims, **blocks},
+            **spans, "tiles": "*i32", **dims, **blocks},
         ("bwd_dkv", local_attention_bwd_dkv_kernel): {
             "q": elem, "k": elem, "v": elem, "d_o": elem, "lse": "*fp32", "delta": "*fp32", "dk_head": "*fp32",
-            "dv_head": "*fp32", **spans, **dims, **blocks},
+            "dv_head": "*fp32", **spans, "tiles": "*i32", **dims, **blocks},
     }
     if head_dims is None:
         head_dims = [(d, d) for d in SUPPORTED_HEAD_DIMS]

@@ -68,7 +68,7 @@ def taylor_linear_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if chosen == "triton":
-        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1)
+        check_triton_documents(_OP, q.shape[0] if host is None else host.numel() - 1, q.shape[2])
         if q.dtype == torch.float64:
             raise ValueError(f"{_OP}: backend='triton' does not support float64; use backend='torch' or 'naive'")
         from lctrain.kernels.taylor_linear_attention.triton_chunk import MAX_TRITON_FEATURE_DIM

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lctrain.kernels.addressing import split_row
+
 from lctrain.kernels.taylor_linear_attention.triton_fwd import load_values, slice_features
 
 
@@ -31,11 +33,11 @@ def taylor_bwd_dq_kernel(
     scale, total_tokens, H, D, V,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    # grid and 64-bit addressing as in the forward kernel
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    i_v = tl.program_id(1)
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
     VP = V + 1
@@ -55,13 +57,16 @@ def taylor_bwd_dq_kernel(
     causal = offs_t[:, None] >= offs_t[None, :]
 
     for i_c in range(0, tl.cdiv(length, BT)):
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_v = load_values(v_seq, t_local, valid, offs_v, H, V)
-        b_dy = tl.load(dy_seq + t_local[:, None] * (H * VP) + offs_v[None, :],
+        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
+        b_dy = tl.load(dy_seq + t0 * (H * VP) + rows[:, None] * (H * VP) + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
 
         x = tl.dot(b_q, tl.trans(b_k)) * scale
@@ -79,7 +84,7 @@ def taylor_bwd_dq_kernel(
             b_s += tl.dot(tl.trans(b_k * coef_k[:, None]), b_v)
             tl.store(state_seq + offs_state, b_s, mask=mask_state)
             tl.debug_barrier()
-        tl.store(dq_seq + t_local[:, None] * (H * D) + offs_d[None, :], b_dq, mask=mask_td)
+        tl.store(dq_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], b_dq, mask=mask_td)
 
 
 @triton.jit
@@ -88,11 +93,11 @@ def taylor_bwd_dkv_kernel(
     scale, total_tokens, H, D, V,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    # grid and 64-bit addressing as in the forward kernel
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    i_v = tl.program_id(1)
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
     num_chunks = tl.cdiv(length, BT)
@@ -116,13 +121,16 @@ def taylor_bwd_dkv_kernel(
 
     for i_rev in range(0, num_chunks):
         i_c = num_chunks - 1 - i_rev
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part, 32-bit low part of the first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_v = load_values(v_seq, t_local, valid, offs_v, H, V)
-        b_dy = tl.load(dy_seq + t_local[:, None] * (H * VP) + offs_v[None, :],
+        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
+        b_dy = tl.load(dy_seq + t0 * (H * VP) + rows[:, None] * (H * VP) + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
 
         x = tl.dot(b_q, tl.trans(b_k)) * scale  # [i, j]
@@ -144,8 +152,8 @@ def taylor_bwd_dkv_kernel(
             tl.store(state_seq + offs_state, b_r, mask=mask_state)
             tl.debug_barrier()
         d_zeroth += tl.sum(b_dy, axis=0)
-        tl.store(dk_seq + t_local[:, None] * (H * D) + offs_d[None, :], b_dk, mask=mask_td)
-        tl.store(dv_seq + t_local[:, None] * (H * V) + offs_v[None, :], b_dv,
+        tl.store(dk_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], b_dk, mask=mask_td)
+        tl.store(dv_seq + t0 * (H * V) + rows[:, None] * (H * V) + offs_v[None, :], b_dv,
                  mask=valid[:, None] & (offs_v < V)[None, :])
 
     tl.store(state_seq + offs_v, d_zeroth, mask=mask_v)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from lctrain.kernels.addressing import check_row_stride
 from lctrain.kernels.taylor_linear_attention.common import MAX_FEATURE_DIM, state_rows
 from lctrain.kernels.taylor_linear_attention.triton_bwd import taylor_bwd_dkv_kernel, taylor_bwd_dq_kernel
 from lctrain.kernels.taylor_linear_attention.triton_fwd import taylor_fwd_kernel
@@ -79,7 +80,7 @@ class TaylorLinearAttentionFunction(torch.autograd.Function):
                  else q.new_zeros(shape, dtype=torch.float32))
         cfg = launch_config(feature_dim, "fwd")
         y = _nan_like((total, heads, value_dim + 1), q)
-        taylor_fwd_kernel[(triton.cdiv(value_dim + 1, cfg.block_v), heads, num_seqs)](
+        taylor_fwd_kernel[(num_seqs * heads, triton.cdiv(value_dim + 1, cfg.block_v))](
             q, k, v, y, final, cu_seqlens, scale, heads, feature_dim, value_dim,
             BT=cfg.chunk, BD=cfg.block_d, BV=cfg.block_v, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(q, k, v, initial_state if initial_state is not None else None, cu_seqlens)
@@ -98,7 +99,7 @@ class TaylorLinearAttentionFunction(torch.autograd.Function):
         dkv_cfg = launch_config(feature_dim, "bwd_dkv")
         assert dq_cfg.block_v == dkv_cfg.block_v  # the partial buffers line up
         num_v_blocks = triton.cdiv(value_dim + 1, dq_cfg.block_v)
-        grid = (num_v_blocks, heads, num_seqs)
+        grid = (num_seqs * heads, num_v_blocks)
 
         scratch = (initial_state.float().clone().contiguous() if initial_state is not None
                    else q.new_zeros(ctx.state_shape, dtype=torch.float32))
@@ -133,6 +134,7 @@ def triton_taylor_linear_attention(
     Returns y `[B, T, H, V+1]` fp32 (numerator | normaliser) and the final state `[N, H, F, V+1]` fp32.
     """
     batch, length, heads, feature_dim = q.shape
+    check_row_stride("taylor_linear_attention", heads * max(feature_dim, v.shape[-1] + 1))
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, batch + 1, device=q.device, dtype=torch.int32) * length
     else:

@@ -1,6 +1,6 @@
 """Triton forward kernel of `taylor_linear_attention` (quadratic within a chunk, feature state across chunks).
 
-One program per (value block, sequence * head) walks its token range chunk by chunk:
+One program per (sequence * head, value block) walks its token range chunk by chunk:
 
 * intra-chunk: the [BT, BT] polynomial scores 1 + x + x^2/2 (x = scale q k^T, causal) times the chunk's values;
 * inter-chunk: phi_q(q)^T S with the state S = [row 0 | first-order rows | D second-order slices] of
@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lctrain.kernels.addressing import split_row
+
 
 @triton.jit
 def slice_features(b_q, b_k, p, offs_d, scale, D):
@@ -41,9 +43,10 @@ def slice_features(b_q, b_k, p, offs_d, scale, D):
 
 
 @triton.jit
-def load_values(v_seq, t_local, valid, offs_v, H, V):
-    """[BT, BV] tile of [v, 1]: column V is 1 on valid tokens, everything past it 0."""
-    b_v = tl.load(v_seq + t_local[:, None] * (H * V) + offs_v[None, :],
+def load_values(v_chunk, offs_t, valid, offs_v, H, V):
+    """[BT, BV] tile of [v, 1] for the chunk starting at `v_chunk` (rows `offs_t` of it): column V is 1 on valid
+    tokens, everything past it 0."""
+    b_v = tl.load(v_chunk + offs_t[:, None] * (H * V) + offs_v[None, :],
                   mask=valid[:, None] & (offs_v < V)[None, :], other=0.0).to(tl.float32)
     return tl.where(valid[:, None] & (offs_v == V)[None, :], 1.0, b_v)
 
@@ -54,14 +57,16 @@ def taylor_fwd_kernel(
     scale, H, D, V,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    # (document, head) on grid axes 2 and 1: N * H on one axis could pass CUDA's 65,535 limit for axes 1-2
-    i_n = tl.program_id(2)
-    i_h = tl.program_id(1)
-    i_nh = i_n * H + i_h
+    # documents x heads on grid axis 0 (up to 2^31 - 1 programs; axes 1-2 stop at 65,535), value blocks on axis 1
+    i_nh = tl.program_id(0)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    i_v = tl.program_id(1)
     bos = tl.load(cu_seqlens + i_n)
     length = tl.load(cu_seqlens + i_n + 1) - bos
     VP = V + 1
+    # 64-bit base pointers for this (sequence, head), advanced by a 64-bit scalar per chunk (token * row stride
+    # passes 2^31 in one long document); offsets inside a chunk tile stay 32-bit.
     row0_seq = tl.cast(bos, tl.int64) * H + i_h
     q_seq = q + row0_seq * D
     k_seq = k + row0_seq * D
@@ -78,12 +83,15 @@ def taylor_fwd_kernel(
     zeroth = tl.load(state_seq + offs_v, mask=mask_v, other=0.0)  # row 0: sum of [v, 1]
 
     for i_c in range(0, tl.cdiv(length, BT)):
-        t_local = i_c * BT + offs_t
-        valid = t_local < length
+        t0, t_low = split_row(i_c * BT)  # 64-bit high part and 32-bit low part of the chunk's first token
+        rows = t_low + offs_t
+        valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t_local[:, None] * (H * D) + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
-        b_v = load_values(v_seq, t_local, valid, offs_v, H, V)
+        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                      other=0.0).to(tl.float32)
+        b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
 
         # Intra-chunk: the polynomial itself; padded key rows carry [v, 1] = 0, so only causality is masked.
         x = tl.dot(b_q, tl.trans(b_k)) * scale
@@ -100,6 +108,7 @@ def taylor_fwd_kernel(
             tl.store(state_seq + offs_state, b_s, mask=mask_state)
             tl.debug_barrier()
         zeroth += tl.sum(b_v, axis=0)
-        tl.store(y_seq + t_local[:, None] * (H * VP) + offs_v[None, :], b_y, mask=valid[:, None] & mask_v[None, :])
+        tl.store(y_seq + t0 * (H * VP) + rows[:, None] * (H * VP) + offs_v[None, :], b_y,
+                 mask=valid[:, None] & mask_v[None, :])
 
     tl.store(state_seq + offs_v, zeroth, mask=mask_v)
