@@ -8,9 +8,9 @@ which is the loop's normalisation. On CUDA the compute runs in bf16 from fp32 ma
 reduced in fp32.
 
 A model is built on `meta` and materialised shard by shard (`lctrain.train.meta_init`): from its own init, or from
-`checkpoint.init_from` read piece by piece (`lctrain.train.meta_source`; an `hf:` or LoRA source is loaded on the
-host first). Checkpoints are DCP shards (`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and
-resume on any world size.
+`checkpoint.init_from` read piece by piece (`lctrain.train.meta_source`; from safetensors and `hf:` sources each rank
+reads only its own shards' rows; a LoRA checkpoint is loaded whole on the host first). Checkpoints are DCP shards
+(`lctrain.train.dcp_checkpoint`) in the usual `step-<N>/` layout and resume on any world size.
 
 LoRA: adapters are injected (`Trainer._init_from`, on meta too) before `fully_shard`, so the frozen base
 weights are sharded with them; only what trains is in the optimizer and in the checkpoint (`dcp_checkpoint`), with
@@ -76,11 +76,11 @@ class FSDPEngine:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         if on_meta:
-            fill = None
+            fill = read_local = None
             if source is not None:
-                from lctrain.train.meta_source import filler
-                fill = filler(module, source)
-            materialize(module, blueprint, env.device, fill)
+                from lctrain.train.meta_source import filler, local_reader
+                fill, read_local = filler(module, source), local_reader(module, source)
+            materialize(module, blueprint, env.device, fill, read_local)
             del blueprint
         else:
             module.to(env.device)

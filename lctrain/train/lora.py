@@ -68,8 +68,8 @@ def init_adapters_(model: nn.Module, prefix: str = "", seed: int | None = None) 
 
     seed = int(getattr(model, "init_seed", 0) if seed is None else seed)
     for path, module in model.named_modules(prefix=prefix):
-        if not isinstance(module, LoraLayer) or module.get_base_layer().weight.is_meta:
-            continue  # on meta: initialised when materialised, piece by piece
+        if not isinstance(module, LoraLayer) or any(a.weight.is_meta for a in module.lora_A.values()):
+            continue  # on meta: initialised when materialised, piece by piece (the base may stay on meta then)
         for adapter, linear in module.lora_A.items():
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(module_seed(seed, f"{path}.lora_A.{adapter}"))

@@ -34,10 +34,23 @@ def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor], device: t
         module._buffers[leaf] = value.to(device)
 
 
-def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device, fill=None) -> None:
+def place_full(shard: torch.Tensor, full: torch.Tensor, device: torch.device) -> None:
+    """Copy this rank's part of the full tensor `full` into the (sharded) parameter `shard`."""
+    with torch.no_grad():
+        if isinstance(shard, DTensor):  # every rank slices the same full tensor: no communication
+            local = distribute_tensor(full.to(device), shard.device_mesh, shard.placements,
+                                      src_data_rank=None).to_local()
+            shard.to_local().copy_(local)
+        else:
+            shard.copy_(full)
+
+
+def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device, fill=None, read_local=None) -> None:
     """Allocate `model`'s shards on `device` and fill them. `blueprint` is an unsharded copy of the model taken
     before sharding (parameters on meta); its pieces are made real on the host one at a time and freed again.
-    `fill(path, piece)` fills a full piece (default: the model's own init; `meta_source`: checkpoint weights)."""
+    `fill(path, piece)` fills a full piece (default: the model's own init; `meta_source`: checkpoint weights).
+    `read_local(path, piece, full_piece)` may fill the sharded piece directly, each rank reading only its own
+    shards (`meta_source.local_reader`); it returns False to leave the piece to `fill`."""
     fill = fill or model.init_module_
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # real: computed at construction
     model.to_empty(device=device)
@@ -45,18 +58,15 @@ def materialize(model: nn.Module, blueprint: nn.Module, device: torch.device, fi
     covered = set()
     for path, piece in pieces(model):
         full_piece = blueprint.get_submodule(path)
+        if read_local is not None and read_local(path, piece, full_piece):
+            covered.update(f"{path}.{name}" for name, _ in piece.named_parameters())
+            continue
         full_piece.to_empty(device="cpu")
         fill(path, full_piece)
-        with torch.no_grad():
-            for (name, shard), (full_name, full) in zip(piece.named_parameters(), full_piece.named_parameters()):
-                assert name == full_name, (name, full_name)
-                if isinstance(shard, DTensor):  # every rank slices the same full tensor: no communication
-                    local = distribute_tensor(full.to(device), shard.device_mesh, shard.placements,
-                                              src_data_rank=None).to_local()
-                    shard.to_local().copy_(local)
-                else:
-                    shard.copy_(full)
-                covered.add(f"{path}.{name}")
+        for (name, shard), (full_name, full) in zip(piece.named_parameters(), full_piece.named_parameters()):
+            assert name == full_name, (name, full_name)
+            place_full(shard, full, device)
+            covered.add(f"{path}.{name}")
         full_piece.to("meta")  # free the host copy before the next piece
     left = [n for n, _ in model.named_parameters() if n not in covered]
     if left:

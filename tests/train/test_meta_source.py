@@ -54,7 +54,82 @@ def test_a_source_of_another_shape_is_refused_in_one_line(base_file):
         check(_meta(deeper), open_source(str(path)))
 
 
-def test_sources_loaded_whole_on_the_host(tmp_path):
-    """hf: directories (names converted) and sources that do not resolve go the host path (its own messages)."""
-    assert open_source("hf:" + str(tmp_path)) is None
+def test_sources_loaded_whole_on_the_host(tmp_path, capsys):
+    """Sources that do not resolve go the host path (its own messages); an hf: directory without weights is one
+    line; a LoRA checkpoint is merged on the host, and the run says so in one line."""
     assert open_source(str(tmp_path / "missing")) is None
+    with pytest.raises(ConfigError, match=r"checkpoint.init_from: no model.safetensors \(or index\) in "):
+        open_source("hf:" + str(tmp_path))
+    (tmp_path / "lora").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "lora" / "adapter.safetensors"))
+    assert open_source(str(tmp_path / "lora" / "adapter.safetensors")) is None
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"checkpoint.init_from: {tmp_path / 'lora' / 'adapter.safetensors'} is a LoRA checkpoint: its base and "
+        "adapters are loaded whole on the host and merged there (not piece by piece)"]
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny Llama saved by transformers in several safetensors shards (model.safetensors.index.json)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.train.fsdp_cases import VOCAB
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 2
+    return path
+
+
+def _tensor_bytes(directory) -> int:
+    from safetensors.torch import load_file
+    return sum(t.numel() * t.element_size() for f in directory.glob("*.safetensors") for t in load_file(f).values())
+
+
+def test_hf_source_read_piece_by_piece_equals_the_host_load(hf_llama):
+    """One process: every weight read from the sharded HF directory equals `load_hf_weights`'s."""
+    from lctrain.export.hf_import import follow_hf_config, load_hf_weights
+    cfg = ModelConfig()
+    follow_hf_config(cfg, hf_llama)
+    torch.manual_seed(0)
+    eager = LanguageModel(cfg)
+    load_hf_weights(eager, hf_llama)
+    source = open_source(f"hf:{hf_llama}")
+    model = _meta(cfg)
+    check(model, source)
+    fill = filler(model, source)
+    for name, piece in pieces(model):
+        piece.to_empty(device="cpu")
+        fill(name, piece)
+    want = dict(eager.named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.equal(value, want[name]), name
+    cfg.d_model = 48
+    with pytest.raises(ConfigError, match=r"has shape \[97, 32\] in the checkpoint but \[97, 48\]"):
+        check(_meta(cfg), source)
+
+
+def test_hf_source_under_fsdp_reads_only_each_ranks_shards(hf_llama, tmp_path):
+    """2 gloo ranks, fsdp on a meta model, `hf:` source (plain and with LoRA adapters): the weights equal the
+    host-loaded ddp model's, the first step's loss and updated weights equal ddp's, the whole-model loader is
+    never called (it raises in the workers), and each rank reads about half of the checkpoint's bytes."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.parallel.harness import port_for
+    from tests.train import hf_source_cases
+    mp.spawn(hf_source_cases.worker, args=(2, port_for("meta-source-hf"), str(tmp_path), str(hf_llama)),
+             nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = _tensor_bytes(hf_llama)
+    for rank, report in enumerate(ranks):
+        for case, result in report.items():
+            assert "error" not in result, (rank, case, result.get("error"))
+            assert result["unequal"] == [], (rank, case)
+            assert abs(result["fsdp_loss"][0] - result["ddp_loss"][0]) <= 1e-5 * abs(result["ddp_loss"][0])
+            assert result["step_diff"] < 1e-5, (rank, case, result["step_diff"])
+            # each rank's share of the rows (uneven splits round up), never the whole model
+            assert 0.4 * total < result["bytes_read"] < 0.55 * total, (rank, case, result["bytes_read"], total)
