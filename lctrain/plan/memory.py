@@ -33,30 +33,32 @@ CONTEXT_GIB = 1.0
 
 
 def model_state_bytes(shape, cand: Candidate, work: Workload, bucket_elements: int = 200_000_000) -> dict[str, int]:
-    n, world = shape.n_params, cand.world
+    # n: every weight (held, sharded or not); t: the weights that train, the only ones with gradients, gradient
+    # buckets and optimizer state (all of them, except under LoRA, whose frozen base has none)
+    n, t, world = shape.n_params, shape.trained, cand.world
     block = max(shape.block_params, shape.vocab_size * shape.d_model)
     half = work.dtype_bytes
     if not work.mixed_precision:  # everything in one dtype (the fp32 CPU validation)
         p = work.dtype_bytes
         if cand.engine == "ddp":
-            return {"params": n * p, "grads": n * p, "optimizer": 2 * n * p,
-                    "buckets": n * p if world > 1 else 0, "weight_copies": 0}
+            return {"params": n * p, "grads": t * p, "optimizer": 2 * t * p,
+                    "buckets": t * p if world > 1 else 0, "weight_copies": 0}
         return {"params": n * p // (world if cand.engine in ("zero3", "fsdp") else 1),
-                "grads": n * p // (world if cand.engine != "zero1" else 1), "optimizer": 2 * n * p // world,
+                "grads": t * p // (world if cand.engine != "zero1" else 1), "optimizer": 2 * t * p // world,
                 "buckets": 2 * block * p if cand.engine in ("zero3", "fsdp") else 0, "weight_copies": 0}
-    bucket = min(bucket_elements, n) * 4
+    bucket = min(bucket_elements, t) * 4
     if cand.engine == "ddp":
         copies = (2 * block if cand.activation_checkpointing else n) * half
-        return {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n, "buckets": 4 * n if world > 1 else 0,
+        return {"params": 4 * n, "grads": 4 * t, "optimizer": 8 * t, "buckets": 4 * t if world > 1 else 0,
                 "weight_copies": copies}
     if cand.engine in ("zero1", "zero2"):
-        grads = half * n if cand.engine == "zero1" else half * n // world
-        return {"params": half * n, "grads": grads, "optimizer": 12 * n // world, "buckets": bucket,
+        grads = half * t if cand.engine == "zero1" else half * t // world
+        return {"params": half * n, "grads": grads, "optimizer": 12 * t // world, "buckets": bucket,
                 "weight_copies": 0}
     if cand.engine == "zero3":
-        return {"params": half * n // world, "grads": half * n // world, "optimizer": 12 * n // world,
+        return {"params": half * n // world, "grads": half * t // world, "optimizer": 12 * t // world,
                 "buckets": 2 * block * half + bucket, "weight_copies": 0}
-    return {"params": 4 * n // world, "grads": 4 * n // world, "optimizer": 8 * n // world,
+    return {"params": 4 * n // world, "grads": 4 * t // world, "optimizer": 8 * t // world,
             "buckets": 2 * block * half + 4 * block, "weight_copies": 0}
 
 
@@ -104,7 +106,7 @@ def memory_breakdown(shape, cand: Candidate, work: Workload, bucket_elements: in
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
     forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated + recurrent_op
-    optimizer_step = states["grads"] + 4 * shape.n_params // (cand.world if cand.engine != "ddp" else 1)
+    optimizer_step = states["grads"] + 4 * shape.trained // (cand.world if cand.engine != "ddp" else 1)
     fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
     peak = fixed + max(forward_end, optimizer_step)
     return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": v for k, v in act.items()},

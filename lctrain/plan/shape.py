@@ -35,6 +35,11 @@ class ModelShape:
     block_params: int = 0       # parameters of the largest block (FSDP's unsharded working set)
     loss_chunk_tokens: int = 0      # 0: the cross-entropy's auto sizing (`lctrain.models.loss.loss_chunk_size`)
     layer_groups: tuple = ()    # ((LayerShape, how many layers have it), ...): per-layer sums loop over these
+    trainable_params: int = 0   # parameters that train (gradients, optimizer state); 0: all (LoRA trains fewer)
+
+    @property
+    def trained(self) -> int:
+        return self.trainable_params or self.n_params
 
     def grouped(self):
         return self.layer_groups or tuple((layer, 1) for layer in self.layers)
@@ -78,7 +83,15 @@ def shape_of(model) -> ModelShape:
                       layers=layers,
                       block_params=max(layer.params for layer in layers),
                       loss_chunk_tokens=model.cfg.loss_chunk_tokens,
-                      layer_groups=tuple(Counter(layers).items()))
+                      layer_groups=tuple(Counter(layers).items()),
+                      trainable_params=trainable_params(model))
+
+
+def trainable_params(model) -> int:
+    """Parameters with gradients and optimizer state (fewer than all under LoRA: the frozen base has neither);
+    0 when every parameter trains."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 0 if trained == model.num_parameters() else trained
 
 
 def _layer(block) -> LayerShape:

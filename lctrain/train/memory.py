@@ -9,6 +9,11 @@ The activation line adds one loss chunk of fp32 logits and its gradient (`lctrai
 also for `model.loss_chunk_tokens: 0`); the peak line is the whole step (`peak_memory_estimate`), checked against
 MemTracker's measured peak of real fp32 steps on CPU in `tests/train/test_dry_run_peak.py`.
 
+Under LoRA only the parameters that train (adapters, `lora.trainable`) have gradients and optimizer state; the
+frozen base is counted as weights alone. Frozen weights also let autograd keep fewer activations (an op need not
+save its input for a frozen weight's gradient), which the saved-tensor counts do not model: LoRA estimates err
+high (measured +21% to +35% on CPU, `tests/train/test_lora_memory.py`).
+
 Documents are not known before the data is read, so the estimate takes them as long (whole chunks): the chunked
 torch paths pad every packed document to a multiple of their chunk (64), so many short documents cost more in
 a recurrent op's backward (measured: 100-token documents +15% of a GDN hybrid's peak), and the Taylor op holds
@@ -50,12 +55,14 @@ def activation_memory_estimate(cfg, model, device_type: str | None = None) -> in
 def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     """Bytes per GPU under `train.engine: fsdp` on `world` GPUs (estimate, as on CUDA: bf16 compute, attention
     through flash/ring kernels with no [T, T] scores): fp32 master weights, fp32 gradients and AdamW's two fp32
-    moments, each sharded over the world (plus full gradients in bf16 when micro-batches accumulate with
+    moments (gradients and moments of the parameters that train only: under LoRA the frozen base has none), each
+    sharded over the world (plus full gradients in bf16 when micro-batches accumulate with
     `parallel.fsdp_grad_sync: step`); the largest block gathered in bf16 (twice: the next one is prefetched);
     activations as a rough count of about 8 d + 4 ffn elements per layer and token (the block input alone with
     checkpointing) and one loss chunk of fp32 logits, for this rank's T / sp tokens. (Recipes of the planner's
     mixer types print the planner's figure instead: `fsdp_memory_lines`.)"""
     n_params = sum(p.numel() for p in model.parameters())
+    trained = trained_params(model)  # LoRA: only adapters (and lora.trainable) have gradients and AdamW state
     largest_block = max((sum(p.numel() for p in layer.parameters()) for layer in model.layers), default=0)
     root = n_params - sum(p.numel() for layer in model.layers for p in layer.parameters())
     compute_bytes = 2 if cfg.train.dtype != "float32" else 4
@@ -66,17 +73,22 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     logits = loss_chunk_size(m.loss_chunk_tokens, tokens, m.vocab_size) * m.vocab_size * 4 * 2
     out = {
         "weights": 4 * n_params / world,
-        "gradients": 4 * n_params / world,
-        "adamw": 8 * n_params / world,
+        "gradients": 4 * trained / world,
+        "adamw": 8 * trained / world,
         "gathered": compute_bytes * (2 * largest_block + root),
         "activations": len(model.layers) * kept + per_layer * m.activation_checkpointing + logits,
     }
     dp = max(world // cfg.parallel.sp, 1)
     accum = cfg.train.tokens_per_step // (cfg.train.micro_batch_size * cfg.data.seq_len * dp) or 1
     if accum > 1 and cfg.parallel.fsdp_grad_sync == "step":  # micro-batches accumulate full, unsharded gradients
-        out["gradients"] += compute_bytes * n_params
+        out["gradients"] += compute_bytes * trained
     out["total"] = sum(out.values())
     return out
+
+
+def trained_params(model) -> int:
+    """Parameters with gradients and optimizer state: all, except under LoRA (adapters and `lora.trainable`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def fsdp_memory_lines(cfg, model, worlds: list[int]) -> list[str]:
@@ -140,7 +152,7 @@ def peak_memory_estimate(cfg, model, world: int = 1, device_type: str | None = N
     states = parts["params"] + parts["optimizer"] + parts["buckets"] + parts["weight_copies"]
     forward_end = sum(v for k, v in parts.items() if k.startswith("activations_") or k in _FORWARD_END)
     forward_end += parts["grads"] if grad_accum(cand, work) > 1 else 0
-    optimizer_step = parts["grads"] + 4 * model.num_parameters() // (cand.world if cand.engine != "ddp" else 1)
+    optimizer_step = parts["grads"] + 4 * trained_params(model) // (cand.world if cand.engine != "ddp" else 1)
     return {"states": states, "forward_end": forward_end, "optimizer_step": optimizer_step,
             "peak": parts["peak_tensor_bytes"]}
 
@@ -154,12 +166,13 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
     from lctrain.plan import activations as plan_act
     from lctrain.plan.comm import grad_accum, local_tokens
     from lctrain.plan.memory import model_state_bytes, sp_buffer_bytes
-    from lctrain.plan.shape import SUPPORTED, ModelShape, _layer
+    from lctrain.plan.shape import SUPPORTED, ModelShape, _layer, trainable_params
     from lctrain.train import mixer_memory
 
     d, ffn, vocab, elem = model.cfg.d_model, model.layers[0].mlp.up.out_features, model.cfg.vocab_size, work.dtype_bytes
     planned = [_layer(b) if b.mixer_type in SUPPORTED else None for b in model.layers]
     shape = ModelShape(d_model=d, ffn_dim=ffn, vocab_size=vocab, n_params=model.num_parameters(), matmul_params=0,
+                       trainable_params=trainable_params(model),
                        layers=tuple(p for p in planned if p is not None),
                        block_params=max(sum(p.numel() for p in b.parameters()) for b in model.layers),
                        loss_chunk_tokens=model.cfg.loss_chunk_tokens)
@@ -207,7 +220,7 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
     sp_buffers = sp_buffer_bytes(shape, cand, work)
     accumulated = states["grads"] if grad_accum(cand, work) > 1 else 0
     forward_end = sum(act.values()) + working + logits + loss_gradients + sp_buffers + accumulated + int(recurrent)
-    optimizer_step = states["grads"] + 4 * shape.n_params // (cand.world if cand.engine != "ddp" else 1)
+    optimizer_step = states["grads"] + 4 * shape.trained // (cand.world if cand.engine != "ddp" else 1)
     fixed = states["params"] + states["optimizer"] + states["buckets"] + states["weight_copies"]
     return {**{k: int(v) for k, v in states.items()}, **{f"activations_{k}": int(v) for k, v in act.items()},
             "backward_working": working, "recurrent_op_backward": int(recurrent), "logits": int(logits),
