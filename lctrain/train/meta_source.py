@@ -5,8 +5,9 @@ piece's weights are read from the checkpoint instead of initialised, so a fine-t
 on one host either. Readable piece by piece: a `.safetensors` file (an lctrain run or checkpoint), a sharded
 checkpoint's `dcp/` and an `hf:` directory (its `*.safetensors` files, sharded or not, names converted by
 `lctrain.export.names`). From safetensors files each rank reads only the rows of its own shards (`local_reader`),
-so the bytes a rank reads are its share of the model. A LoRA checkpoint as the source (its adapters must be merged
-into its base) is loaded whole on the host as before (`open_source` returns None and says so).
+so the bytes a rank reads are its share of the model. A LoRA checkpoint as the source is its base read so, with the
+adapters merged into each tensor as it is read (`_LoraMerged`); only a LoRA checkpoint whose base is itself one is
+loaded whole on the host as before (`open_source` returns None and says so).
 
 LoRA adapters added to the meta model are initialised as `apply_lora` initialises them (seeded per module), after
 their piece's base weights are read.
@@ -114,12 +115,84 @@ def open_source(source: str):
     except Exception:  # noqa: BLE001 - reported by load_weights on the host path, in its usual words
         return None
     if weights.name == "adapter.safetensors" or (weights.is_dir() and (weights.parent / "adapter.json").is_file()):
-        print(f"{WHERE}: {source} is a LoRA checkpoint: its base and adapters are loaded whole on the host and "
-              "merged there (not piece by piece)", file=sys.stderr, flush=True)
-        return None
+        return _merged(source, weights)
     if weights.is_dir():
         return _Sharded(weights)
     return _Safetensors(weights)
+
+
+def _merged(source: str, adapter: Path):
+    """A LoRA checkpoint: its base read piece by piece with the adapters merged per tensor; None (loaded whole on
+    the host, said in one line) when its base cannot be read so (a LoRA checkpoint itself, or unresolvable)."""
+    from lctrain.train.lora import read_meta
+    meta = read_meta(adapter)
+    try:
+        base = open_source(meta["base"]) if not _is_lora(meta["base"]) else None
+    except ConfigError:
+        base = None
+    if base is None:
+        print(f"{WHERE}: {source} is a LoRA checkpoint whose base ({meta['base']}) is not read piece by piece: base "
+              "and adapters are loaded whole on the host and merged there", file=sys.stderr, flush=True)
+        return None
+    return _LoraMerged(base, adapter, float(meta["alpha"]) / int(meta["r"]))
+
+
+def _is_lora(source: str) -> bool:
+    from lctrain.train.checkpoint import resolve_weights
+    if source.startswith("hf:"):
+        return False
+    try:
+        weights = resolve_weights(source)
+    except Exception:  # noqa: BLE001 - reported by the host path
+        return False
+    return weights.name == "adapter.safetensors" or (weights.is_dir() and (weights.parent / "adapter.json").is_file())
+
+
+class _LoraMerged:
+    """A LoRA checkpoint's weights as `load_merged` makes them (W + alpha/r * B @ A per adapted linear, the
+    trained embeddings and norms as saved), tensor by tensor or row range by row range over its base's reader.
+    The adapters and trained tensors (small next to the base) are read whole by every rank."""
+
+    def __init__(self, base, adapter: Path, scale: float):
+        self.base, self.path, self.scale = base, adapter, scale
+        if adapter.is_dir():
+            sharded = _Sharded(adapter)
+            trained = sharded.read(sorted(sharded.shapes))
+        else:
+            from safetensors.torch import load_file
+            trained = load_file(str(adapter))
+        self.pairs, self.trained = {}, {}
+        for name, value in trained.items():
+            if ".lora_A." in name:  # layers.0.mixer.q_proj.lora_A.default.weight -> layers.0.mixer.q_proj.weight
+                stem = name.split(".lora_A.")[0]
+                self.pairs[f"{stem}.weight"] = (value, trained[name.replace(".lora_A.", ".lora_B.")])
+            elif ".lora_" not in name:
+                self.trained[base_name(name)] = value
+        self.shapes = base.shapes
+        self.grows_vocab = getattr(base, "grows_vocab", False)
+        if hasattr(base, "read_rows"):
+            self.read_rows = self._read_rows
+
+    @property
+    def bytes_read(self) -> int:
+        return self.base.bytes_read
+
+    def _merge(self, name: str, value: torch.Tensor, rows: slice) -> torch.Tensor:
+        if name in self.trained:
+            return self.trained[name][rows]
+        if name in self.pairs:  # as peft's merge: weight += (B @ A) * scaling
+            lora_a, lora_b = self.pairs[name]
+            value = value + (lora_b[rows] @ lora_a) * self.scale
+        return value
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from_base = [n for n in names if n not in self.trained]
+        values = self.base.read(from_base) if from_base else {}
+        return {n: self._merge(n, values.get(n), slice(None)) for n in names}
+
+    def _read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        value = None if name in self.trained else self.base.read_rows(name, start, stop)
+        return self._merge(name, value, slice(start, stop))
 
 
 def check(model: nn.Module, reader) -> None:
@@ -141,8 +214,8 @@ def check(model: nn.Module, reader) -> None:
         what = differing[0] if differing else f"missing {missing[:5]} weights"
         raise ConfigError(f"{WHERE}: checkpoint {reader.path}: {what}; was it saved from a model with a different "
                           "config?")
-    if isinstance(reader, _HF):
-        _check_hf_extras(reader, own)
+    if isinstance(getattr(reader, "base", reader), _HF):
+        _check_hf_extras(getattr(reader, "base", reader), own)
 
 
 def _fewer_rows(name: str, stored: tuple, shape) -> bool:

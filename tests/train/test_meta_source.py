@@ -54,18 +54,75 @@ def test_a_source_of_another_shape_is_refused_in_one_line(base_file):
         check(_meta(deeper), open_source(str(path)))
 
 
-def test_sources_loaded_whole_on_the_host(tmp_path, capsys):
+def test_sources_loaded_whole_on_the_host(tmp_path):
     """Sources that do not resolve go the host path (its own messages); an hf: directory without weights is one
-    line; a LoRA checkpoint is merged on the host, and the run says so in one line."""
+    line."""
     assert open_source(str(tmp_path / "missing")) is None
     with pytest.raises(ConfigError, match=r"checkpoint.init_from: no model.safetensors \(or index\) in "):
         open_source("hf:" + str(tmp_path))
-    (tmp_path / "lora").mkdir()
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "lora" / "adapter.safetensors"))
-    assert open_source(str(tmp_path / "lora" / "adapter.safetensors")) is None
+
+
+def _lora_checkpoint(model, directory, base: str):
+    """`model` with adapters (B made non-zero, as after training) saved as a LoRA checkpoint over `base`."""
+    from lctrain.config import LoraConfig
+    from lctrain.train.lora import apply_lora, save_adapter
+    lora = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "down"]))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name or name == "norm.weight":
+                param.normal_()
+    directory.mkdir()
+    save_adapter(lora, directory, base)
+    return directory / "adapter.safetensors"
+
+
+def test_a_lora_checkpoint_is_merged_tensor_by_tensor(base_file, tmp_path, capsys):
+    """A LoRA checkpoint as the source: its base read piece by piece (or row range by row range) with the
+    adapters merged into each tensor equals `load_merged`'s whole-model merge on the host. A LoRA checkpoint over
+    another LoRA checkpoint goes the host path, and the run says so in one line."""
+    from lctrain.train.checkpoint import load_weights
+    saved, path = base_file
+    torch.manual_seed(5)
+    adapter = _lora_checkpoint(LanguageModel(_cfg()), tmp_path / "lora", str(path))
+    merged = LanguageModel(_cfg())
+    load_weights(merged, str(adapter))  # the host path: base, adapters, merge_lora
+    assert not torch.equal(merged.layers[1].mixer.q_proj.weight, saved.layers[1].mixer.q_proj.weight)
+    source = open_source(str(adapter))
+    model = _meta(_cfg())
+    check(model, source)
+    fill = filler(model, source)
+    for name, piece in pieces(model):
+        piece.to_empty(device="cpu")
+        fill(name, piece)
+    want = dict(merged.named_parameters())
+    for name, value in model.named_parameters():
+        assert torch.equal(value, want[name]), name
+        rows = source.read_rows(name, 1, 3)  # what an fsdp rank reads for its shard
+        torch.testing.assert_close(rows, want[name][1:3], rtol=1e-6, atol=1e-6)
+    assert capsys.readouterr().err == ""
+
+    # the same adapters as an fsdp LoRA checkpoint stores them (DCP shards in dcp/, adapter.json beside)
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    sharded = tmp_path / "lora-dcp"
+    sharded.mkdir()
+    shutil.copy(tmp_path / "lora" / "adapter.json", sharded / "adapter.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": load_file(str(adapter))}, checkpoint_id=str(sharded / "dcp"), no_dist=True)
+    source = open_source(str(sharded))
+    values = source.read(sorted(want))
+    for name, value in values.items():
+        assert torch.equal(value, want[name]), name
+
+    nested = _lora_checkpoint(LanguageModel(_cfg()), tmp_path / "lora2", str(adapter))
+    assert open_source(str(nested)) is None
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"checkpoint.init_from: {tmp_path / 'lora' / 'adapter.safetensors'} is a LoRA checkpoint: its base and "
-        "adapters are loaded whole on the host and merged there (not piece by piece)"]
+        f"checkpoint.init_from: {nested} is a LoRA checkpoint whose base ({adapter}) is not read piece by piece: "
+        "base and adapters are loaded whole on the host and merged there"]
 
 
 @pytest.fixture(scope="module")
