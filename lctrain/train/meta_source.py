@@ -274,7 +274,7 @@ def local_reader(model: nn.Module, reader):
             if "lora_" in name:
                 continue
             if reader.shapes[base_name(f"{path}.{name}")] != tuple(param.shape) or not isinstance(param, DTensor) \
-                    or any(not (isinstance(p, Replicate) or p == Shard(0)) for p in param.placements):
+                    or param.dim() == 0 or any(not (isinstance(p, Replicate) or p == Shard(0)) for p in param.placements):
                 return False
         with torch.no_grad():
             for name, param in params.items():
