@@ -9,6 +9,8 @@ compiled graph), and no recompilation when the Triton launch path changes.
 The backward op recomputes the forward under autograd and differentiates it (`torch.autograd.grad`): each op's
 implementation (Triton `autograd.Function` or chunked PyTorch) stays the single source of both passes, at the cost
 of one extra forward of the op in the backward (the same trade activation checkpointing makes for the whole block).
+That cost is paid only where the op is needed, under `torch.compile`: called eagerly, the function returned here
+runs the implementation directly under autograd (its own saved tensors, no recompute), the same arithmetic.
 """
 from __future__ import annotations
 
@@ -67,7 +69,9 @@ def _autograd_dispatch():
 
 def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outputs: int,
               run: Callable, fake: Callable) -> Callable:
-    """Register `lctrain::<name>` and its backward; return the forward op (call it with positional arguments).
+    """Register `lctrain::<name>` and its backward; return a function of the op's positional arguments that gives
+    a tuple of `num_outputs` tensors: the op while torch.compile traces, the implementation itself otherwise.
+    The registered op is the function's `.op`.
 
     signature: the op's arguments in schema syntax, e.g. "Tensor q, Tensor? cu_seqlens, float scale, str backend".
     differentiable: names of the tensor arguments that receive gradients.
@@ -151,13 +155,16 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
         return tuple(result)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    if num_outputs > 1:
-        return fwd
 
     def call(*args):
-        return (fwd(*args),)
+        if torch.compiler.is_compiling():
+            out = fwd(*args)
+            return (out,) if num_outputs == 1 else out
+        # Eager: the implementation's own autograd, no recompute in backward. Dense outputs and placeholders
+        # for None, as the op returns them.
+        return tuple(o.contiguous() if o is not None else _placeholder(args) for o in run(*args))
 
-    call.op = fwd  # the registered op itself (for opcheck)
+    call.op = fwd  # the registered op itself (for opcheck and the compiled path)
     return call
 
 
