@@ -13,6 +13,10 @@ anything is timed. Qwen3-Next's layers do not map (fused q/k/v/z projections, ze
 with q/k norms), so both models keep their own initialisation with the same shapes; the bench checks that both
 start at the loss of a uniform guess, ln(vocab).
 
+lctrain runs with `model.kernel_recompute: false` unless `--kernel-recompute` is given: its recurrent ops then keep
+their chunk tensors for backward instead of recomputing their forward, as the peer's torch implementation does
+(autograd through every step), so both sides hold comparable activations.
+
 Shared machines: before every step the bench waits (capped) until other processes use less than a threshold of the
 CPU, and records the share they used during the step; medians are also given over the quiet steps only. Each step's
 CPU time of this process (user + system) is recorded beside the wall time: on a busy machine it inflates far less
@@ -166,12 +170,17 @@ def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, aut
     return time_alternated({name: step_fn(name) for name in sides}, steps, warmup, device, wait_s)
 
 
-def gdn_op_row(shapes: dict, device: str, steps: int, warmup: int, wait_s: float) -> dict:
+def gdn_op_row(shapes: dict, device: str, steps: int, warmup: int, wait_s: float, recompute: bool = False) -> dict:
     """The Gated DeltaNet op alone, forward + backward: lctrain.kernels.gated_delta_rule (default backend) vs
     the one Qwen3-Next runs (fla's chunk_gated_delta_rule on a GPU when importable, else transformers' torch one)."""
     from transformers.models.qwen3_next import modeling_qwen3_next as qn
 
-    from lctrain.kernels import gated_delta_rule
+    from lctrain.kernels import gated_delta_rule as gdn
+    from lctrain.kernels.opaque import kernel_recompute
+
+    def gated_delta_rule(*args):
+        with kernel_recompute(recompute):
+            return gdn(*args)
 
     if device == "cuda" and fla_available():
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as peer_fn
@@ -337,10 +346,12 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
     warmup = warmup if warmup is not None else (1 if device == "cpu" else 3)  # GPU: Triton autotuning, allocator
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
+    lctrain_overrides = {"kernel_recompute": False, **(lctrain_overrides or {})}
     rows = []
     for pattern in patterns:
         if pattern == "op":
-            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0))
+            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+                                   lctrain_overrides["kernel_recompute"]))
         else:
             rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
                                     lctrain_overrides))
@@ -369,6 +380,8 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=30.0, help="cap on the quiet-machine wait per step (s)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="lctrain's model.loss_chunk_tokens for this run (default: the config default)")
+    parser.add_argument("--kernel-recompute", action="store_true",
+                        help="lctrain's model.kernel_recompute: true (recurrent ops recompute their forward in backward)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -379,7 +392,9 @@ def main() -> None:
         allowed = ", ".join([*PATTERNS, "op"])
         print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {allowed}", file=sys.stderr)
         sys.exit(2)
-    overrides = {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens}
+    overrides = {"kernel_recompute": args.kernel_recompute}
+    if args.loss_chunk_tokens is not None:
+        overrides["loss_chunk_tokens"] = args.loss_chunk_tokens
     run(args.out, args.smoke, patterns, args.steps or None, wait_s=args.max_wait, lctrain_overrides=overrides,
         tag=args.tag, threads=args.threads)
 
