@@ -50,10 +50,11 @@ class _ConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, activation):
         k = weight.shape[1]
-        w = weight.to(x.dtype)
-        y = x * w[:, -1]
+        dtype = torch.promote_types(x.dtype, weight.dtype)  # as x * weight: fp32 weights keep a bf16 x in fp32
+        xc, w = x.to(dtype), weight.to(dtype)
+        y = xc * w[:, -1]
         for shift in range(1, min(k, x.shape[1] + 1)):
-            y[:, shift:].addcmul_(x[:, :-shift], w[:, -1 - shift])
+            y[:, shift:].addcmul_(xc[:, :-shift], w[:, -1 - shift])
         ctx.save_for_backward(x, weight, y)
         ctx.activation = activation
         return F.silu(y) if activation else y
@@ -61,20 +62,21 @@ class _ConvSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, y = ctx.saved_tensors
-        gy = torch.ops.aten.silu_backward(grad, y) if ctx.activation else grad
+        gy = torch.ops.aten.silu_backward(grad.to(y.dtype), y) if ctx.activation else grad.to(y.dtype)
         k = weight.shape[1]
-        w = weight.to(x.dtype)
+        xc, w = x.to(y.dtype), weight.to(y.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = gy * w[:, -1]
             for shift in range(1, min(k, x.shape[1] + 1)):
                 grad_x[:, :-shift].addcmul_(gy[:, shift:], w[:, -1 - shift])
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            acc = torch.promote_types(x.dtype, torch.float32)
+            acc = torch.promote_types(y.dtype, torch.float32)
             grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
-            grad_w[:, -1] = (gy * x).sum((0, 1), dtype=acc)
+            grad_w[:, -1] = (gy * xc).sum((0, 1), dtype=acc)
             for shift in range(1, min(k, x.shape[1] + 1)):
-                grad_w[:, -1 - shift] = (gy[:, shift:] * x[:, :-shift]).sum((0, 1), dtype=acc)
+                grad_w[:, -1 - shift] = (gy[:, shift:] * xc[:, :-shift]).sum((0, 1), dtype=acc)
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None
 

@@ -116,3 +116,15 @@ def test_model_gradients_unchanged_in_float64():
     assert fused.keys() == plain.keys() and len(fused) > 10
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_whole_row_short_conv_keeps_the_promoted_dtype():
+    """A bf16 input with fp32 taps computes and returns fp32, as `x * weight` did; gradients come back in bf16."""
+    conv = ShortConvolution(6, 4)
+    x = torch.randn(2, 5, 6).to(torch.bfloat16).requires_grad_()
+    out = conv(x, None)
+    want = F.silu(causal_depthwise_conv(x, conv.weight, None))
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
