@@ -13,6 +13,10 @@ anything is timed. Qwen3-Next's layers do not map (fused q/k/v/z projections, ze
 with q/k norms), so both models keep their own initialisation with the same shapes; the bench checks that both
 start at the loss of a uniform guess, ln(vocab).
 
+lctrain runs with `model.kernel_recompute: false` unless `--kernel-recompute` is given: its recurrent ops then keep
+their chunk tensors for backward instead of recomputing their forward, as the peer's torch implementation does
+(autograd through every step), so both sides hold comparable activations.
+
 Shared machines: before every step the bench waits (capped) until other processes use less than a threshold of the
 CPU, and records the share they used during the step; medians are also given over the quiet steps only. Each step's
 CPU time of this process (user + system) is recorded beside the wall time: on a busy machine it inflates far less
@@ -147,7 +151,10 @@ def time_alternated(steps_fns: dict, steps: int, warmup: int, device: str, wait_
     return records
 
 
-def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, autocast, wait_s: float) -> dict:
+def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, autocast, wait_s: float,
+              profile_to: Path | None = None) -> dict:
+    """Alternated timed steps; with `profile_to`, afterwards one more step of each side under torch.profiler, its
+    top ops (self time, grouped by input shape) written to `profile_to`<side>.txt."""
     sides = {"lctrain": (pair["lctrain"], _lctrain_loss), "peer": (pair["peer"], _peer_loss)}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in sides.items()}
 
@@ -163,15 +170,31 @@ def time_pair(pair: dict, ids, labels, steps: int, warmup: int, device: str, aut
             return float(loss.detach())
         return step
 
-    return time_alternated({name: step_fn(name) for name in sides}, steps, warmup, device, wait_s)
+    records = time_alternated({name: step_fn(name) for name in sides}, steps, warmup, device, wait_s)
+    if profile_to is not None:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        for name in sides:
+            with profile(activities=activities, record_shapes=True) as prof:
+                step_fn(name)()
+            averages = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+                        prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                                           row_limit=40)]
+            Path(f"{profile_to}{name}.txt").write_text("\n\n".join(averages))
+    return records
 
 
-def gdn_op_row(shapes: dict, device: str, steps: int, warmup: int, wait_s: float) -> dict:
+def gdn_op_row(shapes: dict, device: str, steps: int, warmup: int, wait_s: float, recompute: bool = False) -> dict:
     """The Gated DeltaNet op alone, forward + backward: lctrain.kernels.gated_delta_rule (default backend) vs
     the one Qwen3-Next runs (fla's chunk_gated_delta_rule on a GPU when importable, else transformers' torch one)."""
     from transformers.models.qwen3_next import modeling_qwen3_next as qn
 
-    from lctrain.kernels import gated_delta_rule
+    from lctrain.kernels import gated_delta_rule as gdn
+    from lctrain.kernels.opaque import kernel_recompute
+
+    def gated_delta_rule(*args):
+        with kernel_recompute(recompute):
+            return gdn(*args)
 
     if device == "cuda" and fla_available():
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as peer_fn
@@ -224,7 +247,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 def run_pattern(pattern: str, shapes: dict, device: str, steps: int, warmup: int, wait_s: float,
-                lctrain_overrides: dict | None = None) -> dict:
+                lctrain_overrides: dict | None = None, profile_to: Path | None = None) -> dict:
     pair = make_pair(pattern, shapes, device, lctrain_overrides)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shapes["vocab_size"], (shapes["batch"], shapes["seq_len"]), generator=gen).to(device)
@@ -236,7 +259,7 @@ def run_pattern(pattern: str, shapes: dict, device: str, steps: int, warmup: int
         return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
     losses = check_losses(pair, ids, labels, autocast, tolerance=2e-2 if bf16 else 1e-4)
-    records = time_pair(pair, ids, labels, steps, warmup, device, autocast, wait_s)
+    records = time_pair(pair, ids, labels, steps, warmup, device, autocast, wait_s, profile_to)
     return _row(pattern, pair["peer_name"], losses, records)
 
 
@@ -328,8 +351,9 @@ def plot(result: dict, path: Path) -> None:
 
 def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), steps: int | None = None,
         warmup: int | None = None, wait_s: float = 30.0, lctrain_overrides: dict | None = None, tag: str = "",
-        threads: int = 0) -> dict:
-    """Measure every pattern on the available device; writes peers_<cpu|gpu>[_smoke]<tag>.{json,png} to out_dir.
+        threads: int = 0, profile: bool = False) -> dict:
+    """Measure every pattern on the available device; writes peers_<cpu|gpu>[_smoke]<tag>.{json,png} to out_dir
+    (with `profile`: also the profiler tables of one step per side, peers_profile_<pattern>_<side>.txt).
     On a GPU the models run under bf16 autocast; whether fla was importable (the peer's fast path) is recorded."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE_SHAPES if smoke else SHAPES
@@ -337,13 +361,17 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
     warmup = warmup if warmup is not None else (1 if device == "cpu" else 3)  # GPU: Triton autotuning, allocator
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
+    lctrain_overrides = {"kernel_recompute": False, **(lctrain_overrides or {})}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for pattern in patterns:
         if pattern == "op":
-            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0))
+            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+                                   lctrain_overrides["kernel_recompute"]))
         else:
             rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
-                                    lctrain_overrides))
+                                    lctrain_overrides,
+                                    Path(out_dir) / f"peers_profile_{pattern}{tag}_" if profile else None))
         print(f"{pattern}: lctrain {rows[-1]['lctrain']['median_s']:.3f}s vs {rows[-1]['peer']} "
               f"{rows[-1]['peer_time']['median_s']:.3f}s -> {rows[-1]['speedup_median']:.2f}x", flush=True)
     import transformers
@@ -369,6 +397,10 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=30.0, help="cap on the quiet-machine wait per step (s)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="lctrain's model.loss_chunk_tokens for this run (default: the config default)")
+    parser.add_argument("--kernel-recompute", action="store_true",
+                        help="lctrain's model.kernel_recompute: true (recurrent ops recompute their forward in backward)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one step per side: peers_profile_<pattern>_<side>.txt in --out")
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -379,9 +411,11 @@ def main() -> None:
         allowed = ", ".join([*PATTERNS, "op"])
         print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {allowed}", file=sys.stderr)
         sys.exit(2)
-    overrides = {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": args.loss_chunk_tokens}
+    overrides = {"kernel_recompute": args.kernel_recompute}
+    if args.loss_chunk_tokens is not None:
+        overrides["loss_chunk_tokens"] = args.loss_chunk_tokens
     run(args.out, args.smoke, patterns, args.steps or None, wait_s=args.max_wait, lctrain_overrides=overrides,
-        tag=args.tag, threads=args.threads)
+        tag=args.tag, threads=args.threads, profile=args.profile)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class ModelConfig:
     # cross-entropy (fused with the LM head) is computed this many tokens at a time; 0: auto (chunks whose fp32
     # logits fit lctrain.models.loss.AUTO_LOGITS_BUDGET_BYTES, often the whole micro-batch)
     loss_chunk_tokens: int = 0
+    # recurrent kernel ops (gdn, linear, based) recompute their forward in backward (true: they keep only their
+    # inputs); false runs them directly under autograd in eager mode: no recompute, their chunk tensors kept
+    kernel_recompute: bool = True
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile every block (lctrain.models.compile)
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"

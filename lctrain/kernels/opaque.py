@@ -9,14 +9,32 @@ compiled graph), and no recompilation when the Triton launch path changes.
 The backward op recomputes the forward under autograd and differentiates it (`torch.autograd.grad`): each op's
 implementation (Triton `autograd.Function` or chunked PyTorch) stays the single source of both passes, at the cost
 of one extra forward of the op in the backward (the same trade activation checkpointing makes for the whole block).
+Called eagerly inside `kernel_recompute(False)` (`model.kernel_recompute: false`), the function returned here skips
+the op and runs the implementation directly under autograd: no recompute, the same arithmetic, but the
+implementation's own saved tensors (chunk matrices, states) stay alive until backward. Under torch.compile the op
+is always used.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
 
 NAMESPACE = "lctrain"
+_RECOMPUTE = [True]  # eager calls go through the op (recompute in backward) unless kernel_recompute(False)
+
+
+@contextmanager
+def kernel_recompute(enabled: bool):
+    """Within: eager kernel-op calls recompute their forward in backward (True, the default: less memory) or run
+    their implementation directly under autograd (False: no recompute, its saved tensors kept)."""
+    previous = _RECOMPUTE[0]
+    _RECOMPUTE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _RECOMPUTE[0] = previous
 
 
 def _parse(signature: str) -> tuple[list[str], list[str]]:
@@ -67,7 +85,9 @@ def _autograd_dispatch():
 
 def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outputs: int,
               run: Callable, fake: Callable) -> Callable:
-    """Register `lctrain::<name>` and its backward; return the forward op (call it with positional arguments).
+    """Register `lctrain::<name>` and its backward; return a function of the op's positional arguments that gives
+    a tuple of `num_outputs` tensors: the op, or the implementation itself when called eagerly inside
+    `kernel_recompute(False)`. The registered op is the function's `.op`.
 
     signature: the op's arguments in schema syntax, e.g. "Tensor q, Tensor? cu_seqlens, float scale, str backend".
     differentiable: names of the tensor arguments that receive gradients.
@@ -151,13 +171,16 @@ def opaque_op(name: str, signature: str, differentiable: Sequence[str], num_outp
         return tuple(result)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    if num_outputs > 1:
-        return fwd
 
     def call(*args):
-        return (fwd(*args),)
+        if torch.compiler.is_compiling() or _RECOMPUTE[0]:
+            out = fwd(*args)
+            return (out,) if num_outputs == 1 else out
+        # The implementation's own autograd, no recompute in backward. Dense outputs and placeholders for None,
+        # as the op returns them.
+        return tuple(o.contiguous() if o is not None else _placeholder(args) for o in run(*args))
 
-    call.op = fwd  # the registered op itself (for opcheck)
+    call.op = fwd  # the registered op itself (for opcheck and the compiled path)
     return call
 
 

@@ -6,6 +6,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """The forward's own arithmetic, saving only x and the per-row 1/rms; the backward in closed form,
+    dx = rstd * (g w - x_hat * mean(g w x_hat)), dw = sum over rows of g x_hat (fewer passes than autograd's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; fp64 stays fp64
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xf = x.to(rstd.dtype)
+        g = grad.to(rstd.dtype)
+        x_hat = xf * rstd
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g_hat = g * weight.to(rstd.dtype)
+            mean = (g_hat * x_hat).mean(-1, keepdim=True)
+            grad_x = torch.addcmul(g_hat, x_hat, mean, value=-1).mul_(rstd).to(x.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 for stability under bf16 autocast."""
 
@@ -15,9 +42,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; fp64 stays fp64
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(xf.dtype)).to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -63,7 +88,31 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D] rotated by its positions; computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
+        return _Rotate.apply(x, cos, sin)
+
+
+def _rotate_half_add_(out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """out += sign * rotate_half(x) * sin in place, rotate_half(x) = [-x2, x1] (sign -1: its transpose, for the
+    backward), without building the rotated copy."""
+    half = x.shape[-1] // 2
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin; the backward is the inverse rotation of the gradient (a rotation's
+    transpose), so only cos and sin are saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        half = xf.shape[-1] // 2
-        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return _rotate_half_add_(xf * cos, xf, sin, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        return _rotate_half_add_(g * cos, g, sin, -1.0).to(ctx.dtype), None, None

@@ -86,6 +86,43 @@ def test_host_offsets_equal_device_offsets_and_gradients_match_the_implementatio
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_without_recompute_eager_calls_run_the_implementation_once(monkeypatch):
+    """Inside kernel_recompute(False), forward + backward runs the implementation once (its own autograd, nothing
+    recomputed); by default, and through the registered op, it runs twice (forward, then the recompute in
+    backward). Same gradients."""
+    from lctrain.kernels.opaque import kernel_recompute
+
+    gdn = _module("gated_delta_rule")
+    calls = []
+    real = gdn.chunk_gated_delta_rule
+
+    def counted(*args):
+        calls.append(torch.is_grad_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(gdn, "chunk_gated_delta_rule", counted)
+    q, k, v = (torch.randn(1, T, H, d, dtype=torch.float64, requires_grad=True) for d in (K, K, V))
+    g = (-torch.rand(1, T, H, dtype=torch.float64)).requires_grad_()
+    beta = torch.rand(1, T, H, dtype=torch.float64).requires_grad_()
+    kn = F.normalize(k, dim=-1)
+    leaves = (q, k, v, g, beta)
+    args = (q, kn, v, g, beta, None, CU, CU, 0.5, True, "torch")
+    results = {}
+    for name, fn, recompute in (("eager", gdn._gdn_op, False), ("op", gdn._gdn_op.op, False),
+                                 ("default", gdn._gdn_op, True)):
+        calls.clear()
+        with kernel_recompute(recompute):
+            o, s = fn(*args)
+        results[name] = torch.autograd.grad((o * o).sum() + s.sum(), leaves, retain_graph=True)
+        results[name + "_calls"] = list(calls)
+    assert results["eager_calls"] == [True]            # once, under autograd
+    assert results["op_calls"] == [False, True]        # forward without a graph, recompute in backward
+    assert results["default_calls"] == [False, True]
+    for other in ("op", "default"):
+        for a, b in zip(results["eager"], results[other]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_host_offsets_are_one_line_errors():
     from lctrain.kernels import linear_attention
 

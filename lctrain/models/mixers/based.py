@@ -37,6 +37,7 @@ class BasedLinearAttention(nn.Module):
         self.feature_dim = feature_dim
         self.head_dim = head_dim or d // self.n_heads
         self.backend = backend
+        self.kernel_recompute = getattr(model_cfg, "kernel_recompute", True)
         self.q_proj = nn.Linear(d, self.n_heads * feature_dim, bias=False)
         self.k_proj = nn.Linear(d, self.n_heads * feature_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -49,5 +50,6 @@ class BasedLinearAttention(nn.Module):
         q = self.q_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)
         k = self.k_proj(x).view(batch, seqlen, self.n_heads, self.feature_dim)
         v = self.v_proj(x).view(batch, seqlen, self.n_heads, self.head_dim)
-        o = run_linear_op("taylor_linear_attention", q, k, v, ctx, layer_cache, backend=self.backend)
+        o = run_linear_op("taylor_linear_attention", q, k, v, ctx, layer_cache, backend=self.backend,
+                          recompute=self.kernel_recompute)
         return self.o_proj(o.reshape(batch, seqlen, -1))

@@ -41,6 +41,7 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim = head_k_dim or (model_cfg.head_dim or d // model_cfg.n_heads)
         self.head_v_dim = head_v_dim or 2 * self.head_k_dim
         self.backend = backend
+        self.kernel_recompute = getattr(model_cfg, "kernel_recompute", True)
         key_dim, value_dim = self.n_heads * self.head_k_dim, self.n_heads * self.head_v_dim
         self.q_proj = nn.Linear(d, key_dim, bias=False)
         self.k_proj = nn.Linear(d, key_dim, bias=False)
@@ -79,6 +80,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
         beta = torch.sigmoid(self.b_proj(x).float())
         o = run_linear_op("gated_delta_rule", q, k, v, ctx, layer_cache, backend=self.backend,
+                          recompute=self.kernel_recompute,
                           g=g, beta=beta)
         gate = self.g_proj(x).view(batch, seqlen, self.n_heads, self.head_v_dim)
         o = self.o_norm(o) * F.silu(gate)

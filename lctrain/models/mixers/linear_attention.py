@@ -34,6 +34,7 @@ class LinearAttention(nn.Module):
         self.n_heads = n_heads or model_cfg.n_heads
         self.head_dim = head_dim or (model_cfg.head_dim or d // model_cfg.n_heads)
         self.backend = backend
+        self.kernel_recompute = getattr(model_cfg, "kernel_recompute", True)
         inner = self.n_heads * self.head_dim
         self.q_proj = nn.Linear(d, inner, bias=False)
         self.k_proj = nn.Linear(d, inner, bias=False)
@@ -53,6 +54,7 @@ class LinearAttention(nn.Module):
         v = self.v_proj(x).view(shape)
         layer_cache = ctx.cache.setdefault(self.layer_idx, {}) if ctx.cache is not None else None
         o = run_linear_op("linear_attention", q, k, v, ctx, layer_cache, backend=self.backend,
+                          recompute=self.kernel_recompute,
                           log_decay=self.log_decay)
         o = self.o_norm(o) * torch.sigmoid(self.u_proj(x).view(shape))
         return self.o_proj(o.reshape(batch, seqlen, -1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lctrain import kernels
+from lctrain.kernels.opaque import kernel_recompute
 from lctrain.models.context import BatchContext
 
 
@@ -32,9 +33,13 @@ def op_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def run_linear_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
-                  layer_cache: dict | None, backend: str | None = None, **gates) -> torch.Tensor:
+                  layer_cache: dict | None, backend: str | None = None, recompute: bool = True,
+                  **gates) -> torch.Tensor:
     """Run `lctrain.kernels.<name>(q, k, v, **gates, ...)` for q/k [B, T, H, K], v [B, T, H, V]; gates are
-    [B, T, H] (per token) or [H] (per head). Returns o [B, T, H, V]."""
+    [B, T, H] (per token) or [H] (per head); recompute: `model.kernel_recompute`. Returns o [B, T, H, V]."""
+    if not recompute and not torch.compiler.is_compiling():
+        with kernel_recompute(False):
+            return run_linear_op(name, q, k, v, ctx, layer_cache, backend, True, **gates)
     op = getattr(kernels, name)
     batch, seqlen = q.shape[:2]
     if layer_cache is not None:

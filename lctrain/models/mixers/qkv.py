@@ -35,5 +35,18 @@ def rotated_qkv(module: nn.Module, x: torch.Tensor, ctx: BatchContext):
     q = module.q_proj(x).view(batch, seqlen, module.n_heads, module.head_dim)
     k = module.k_proj(x).view(batch, seqlen, module.n_kv_heads, module.head_dim)
     v = module.v_proj(x).view(batch, seqlen, module.n_kv_heads, module.head_dim)
-    cos, sin = module.rope.cos_sin(ctx.position_ids)
+    cos, sin = batch_cos_sin(module.rope, ctx)
     return RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin), v
+
+
+def batch_cos_sin(rope: RotaryEmbedding, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's RoPE tables, computed once per batch for every layer with the same rotary settings (eagerly;
+    a compiled block computes its own: a cache hit would change the graph between a checkpointed block's forward
+    and its recomputation)."""
+    if torch.compiler.is_compiling():
+        return rope.cos_sin(ctx.position_ids)
+    key = ("rope", rope.head_dim, rope.theta, rope.scaling, rope.inv_freq.device)
+    cached = ctx.extras.get(key)
+    if cached is None or cached[0] is not ctx.position_ids:
+        cached = ctx.extras[key] = (ctx.position_ids, *rope.cos_sin(ctx.position_ids))
+    return cached[1], cached[2]
