@@ -10,13 +10,14 @@ Why lanes: a step of a data-parallel group of W ranks consumes the next W * B gl
 and `rank_windows` hands each rank the windows of *its* lanes. With W dividing L, rank r owns the lanes congruent
 to r modulo W, so it builds and holds exactly 1 / W of the order arrays (14 bytes per document of its lanes for the
 current epoch, twice that while the next one is ready). L is a product of a power of two and 15 (or 3), e.g. 240,
-960 or 3840, so that the usual cluster sizes (2^a times 3 and/or 5: 3, 6, 10, 12, 24, 48, 96, 384...) divide it;
+960 or 3840, so that the usual cluster sizes (2^a times 1, 3, 5 or 15: 3, 6, 10, 12, 24, 48, 96, 384...) divide it;
 a power of two alone would leave 3 nodes of 8 GPUs reading every lane. Any other W owns the first
 L - (L mod W) lanes the same way (q = L // W each) and shares the last L mod W < W lanes, which fill the steps
 where a rank's own lanes come up short; such a rank holds at most q + (L mod W) lanes, not L. The order itself is
-never a function of W, only which rank reads which of a step's windows. L is the largest such number <= min(3840,
-max(M / 256, min(M, 16)), tokens per epoch / (16 (seq_len + 1))): a lane holds whole documents, not crumbs, and
-enough of them that its fixed overhead (about 1 KiB) is small. It is fixed by the data and seq_len (part of the loader fingerprint, and of the state).
+never a function of W, only which rank reads which of a step's windows. L is the largest such number <=
+min(3840, max(M / 512, min(M, 16)), tokens per epoch / (16 (seq_len + 1))): a lane holds whole documents, not
+crumbs, and enough of them that its fixed cost (about 1 KiB) is small against them. L is fixed by the data and
+seq_len (part of the loader fingerprint, and saved in the state).
 
 Mixture (one epoch; weights are shares of tokens): with T_s the training tokens of source s (BOS/EOS counted) and
 T their sum, source s gets budget_s = T * w_s / sum(w) tokens, i.e. count_s = budget_s * n_s / T_s of its n_s
@@ -46,7 +47,7 @@ from lctrain.data.sampling import combine_key
 MAX_LANES = 3840  # 15 * 2^8
 _MIX_TAG = 0x4D49_58  # the cross-source shuffle
 _MIN_WINDOWS_PER_LANE = 16  # per epoch on average: a lane holds whole documents, not crumbs
-_MIN_SLOTS_PER_LANE = 256  # a lane's fixed cost (about 1 KiB: objects, array headers) stays small per document
+_MIN_SLOTS_PER_LANE = 512  # a lane's fixed cost (about 1 KiB: objects, array headers) stays small per document
 _SMALL_LANES = 16  # ... except that a small corpus (where memory is no issue) still gets a few lanes
 _PREFETCH_WINDOWS = 64  # start building a lane's next epoch this many windows (or half an epoch) before its end
 

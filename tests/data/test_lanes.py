@@ -114,24 +114,27 @@ def loader_memory(entries, world):
         loader.order.prefetch = False
         for _ in range(-(-loader.order.lanes // (4 * world))):  # the first L windows: every lane once
             next(loader)
-        assert len(loader.order.held_lanes()) == loader.order.lanes // world  # 240 = 15 * 16: all W here divide it
+        lanes, held = loader.order.lanes, len(loader.order.held_lanes())
+        own, shared = divmod(lanes, world)
+        assert held == own if not shared else own <= held <= own + shared
         return loader.order.held_bytes(), tracemalloc.get_traced_memory()[0], loader.order.lanes
     finally:
         tracemalloc.stop()
 
 
 def test_per_rank_loader_memory_follows_the_rank_share():
-    """Rank 0 of W holds 1/W of what a single process holds, for W = 2, 3, 4, 6 and 24 (3 nodes of 8), and twice
-    the documents double it: nothing on a rank grows with the documents other ranks read (measured with
-    tracemalloc, not just array sizes). Margins: order arrays within 10% of 1/W (lanes differ by a document or
-    two); everything traced within 10% above 1/W and at most 25% below (per-entry numbers every rank holds)."""
+    """Rank 0 of W holds 1/W of what a single process holds, for W = 2, 3, 4, 6 and 24 (3 nodes of 8; these
+    divide the 120 lanes) and 7 (17 own lanes, 1 shared), and twice the documents double it: nothing on a rank
+    grows with the documents other ranks read (measured with tracemalloc, not just array sizes). Margins: order
+    arrays within 10% of 1/W (lanes differ by a document or two; W = 7 may add its shared lane, 1/18 more);
+    everything traced within 10% above 1/W and at most 25% below (the per-entry numbers every rank holds)."""
     rng = np.random.default_rng(0)
     corpus = [FakeEntry(rng, 4000) for _ in range(20)]  # 80K documents
     half = corpus[:10]
     loader_memory(corpus[:1], 1)  # lazy imports (numpy submodules) happen outside the measurement
     held = {("N", w): loader_memory(half, w) for w in (1, 4)}
-    held.update({("2N", w): loader_memory(corpus, w) for w in (1, 2, 3, 4, 6, 24)})
-    assert {key: lanes for key, (_, _, lanes) in held.items() if key[1] == 1} == {("N", 1): 120, ("2N", 1): 240}
+    held.update({("2N", w): loader_memory(corpus, w) for w in (1, 2, 3, 4, 6, 7, 24)})
+    assert {key: lanes for key, (_, _, lanes) in held.items() if key[1] == 1} == {("N", 1): 60, ("2N", 1): 120}
     for (n, w), (arrays, traced, _) in held.items():
         arrays_1, traced_1, _ = held[n, 1]
         assert 0.9 * w <= arrays_1 / arrays <= 1.1 * w, (n, w, arrays_1, arrays)
