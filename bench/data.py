@@ -4,7 +4,7 @@ worker, peak RSS per rank and cache size, on a generated jsonl corpus.
     python bench/data.py                          # 1 GB in 50 files (the default), 1 and 2 processes
     python bench/data.py --size-mb 64 --files 16  # smaller, for a quick reading
     python bench/data.py --baseline-tree DIR      # also time another checkout's data pipeline (cold, 1 process)
-    python bench/data.py --loader-memory          # only per-rank loader memory: 1M and 2M documents, 1/2/4 ranks
+    python bench/data.py --loader-memory          # only per-rank loader memory: 1M and 2M documents, 1/2/3/4/6 ranks
 
 Every measurement runs in fresh processes (`--child` mode), ranks as separate processes with RANK/WORLD_SIZE set,
 each timing `build_data` + the first `next(loader)`; a cold run starts from an empty cache, a warm one reuses it.
@@ -290,7 +290,7 @@ def loader_memory(args) -> None:
     rows = []
     for n_docs in (args.docs, 2 * args.docs):
         entry_dirs = [str(p) for p in write_entries(work / f"docs-{n_docs}", n_docs, 125_000)]
-        for world in (1, 2, 4):
+        for world in (1, 2, 3, 4, 6):
             spec = json.dumps([entry_dirs, world, 512, 4])
             proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
                                   env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
@@ -333,7 +333,7 @@ def plot_memory(path: Path) -> Path:
         ax.plot([r["world"] for r in rows], [r["traced_bytes"] / 2**20 for r in rows], "o-",
                 label=f"{docs:,} documents")
     ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 2, 4], ["1", "2", "4"])
+    ax.set_xticks([1, 2, 3, 4, 6], ["1", "2", "3", "4", "6"])
     ax.set_xlabel("data-parallel ranks")
     ax.set_ylabel("loader heap on rank 0 (MiB)")
     ax.set_title(f"per-rank loader memory ({data['machine']})", fontsize=9)

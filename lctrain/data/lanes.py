@@ -6,12 +6,18 @@ packs its documents of epoch 0, then of epoch 1, ... into one endless stream (`[
 Global window w is window w // L of lane w % L. Everything is a pure function of (seed, w): the order does not
 depend on the number of ranks, so a checkpoint's global position resumes on any world size.
 
-Why lanes: rank r of a data-parallel group of W reads global windows p + r + jW; with W dividing L these all lie in
-the L / W lanes congruent to p + r modulo W, so a rank builds and holds 1 / W of the order arrays (14 bytes per
-document of its lanes for the current epoch, twice that while the next one is ready). No step ever needs the
-corpus-wide order. L is the largest power of two <= min(256, M, tokens per epoch / (16 (seq_len + 1))), fixed by
-the data and seq_len (part of the loader fingerprint); world sizes that do not divide L still get the same order,
-their ranks just hold more lanes.
+Why lanes: a step of a data-parallel group of W ranks consumes the next W * B global windows, B on each rank,
+and `rank_windows` hands each rank the windows of *its* lanes. With W dividing L, rank r owns the lanes congruent
+to r modulo W, so it builds and holds exactly 1 / W of the order arrays (14 bytes per document of its lanes for the
+current epoch, twice that while the next one is ready). L is a product of a power of two and 15 (or 3), e.g. 240,
+960 or 3840, so that the usual cluster sizes (2^a times 1, 3, 5 or 15: 3, 6, 10, 12, 24, 48, 96, 384...) divide it;
+a power of two alone would leave 3 nodes of 8 GPUs reading every lane. Any other W owns the first
+L - (L mod W) lanes the same way (q = L // W each) and shares the last L mod W < W lanes, which fill the steps
+where a rank's own lanes come up short; such a rank holds at most q + (L mod W) lanes, not L. The order itself is
+never a function of W, only which rank reads which of a step's windows. L is the largest such number <=
+min(3840, max(M / 512, min(M, 16)), tokens per epoch / (16 (seq_len + 1))): a lane holds whole documents, not
+crumbs, and enough of them that its fixed cost (about 1 KiB) is small against them. L is fixed by the data and
+seq_len (part of the loader fingerprint, and saved in the state).
 
 Mixture (one epoch; weights are shares of tokens): with T_s the training tokens of source s (BOS/EOS counted) and
 T their sum, source s gets budget_s = T * w_s / sum(w) tokens, i.e. count_s = budget_s * n_s / T_s of its n_s
@@ -38,9 +44,11 @@ from lctrain.config import ConfigError
 from lctrain.data.permute import permuted
 from lctrain.data.sampling import combine_key
 
-MAX_LANES = 256
+MAX_LANES = 3840  # 15 * 2^8
 _MIX_TAG = 0x4D49_58  # the cross-source shuffle
 _MIN_WINDOWS_PER_LANE = 16  # per epoch on average: a lane holds whole documents, not crumbs
+_MIN_SLOTS_PER_LANE = 512  # a lane's fixed cost (about 1 KiB: objects, array headers) stays small per document
+_SMALL_LANES = 16  # ... except that a small corpus (where memory is no issue) still gets a few lanes
 _PREFETCH_WINDOWS = 64  # start building a lane's next epoch this many windows (or half an epoch) before its end
 
 
@@ -107,9 +115,36 @@ class Mixture:
         return source, slot
 
 
+def smooth_count(limit: int) -> int:
+    """The largest 15 * 2^a (3 * 2^a below 15, 2^a below 3) <= `limit`: always more than limit / 2."""
+    limit = max(1, limit)
+    base = 15 if limit >= 15 else 3 if limit >= 3 else 1
+    return base << ((limit // base).bit_length() - 1)
+
+
 def lane_count(mixture: Mixture, seq_len: int) -> int:
-    limit = min(MAX_LANES, mixture.size, max(1, mixture.epoch_tokens // (_MIN_WINDOWS_PER_LANE * (seq_len + 1))))
-    return 1 << (max(1, limit).bit_length() - 1)
+    by_slots = max(mixture.size // _MIN_SLOTS_PER_LANE, min(mixture.size, _SMALL_LANES))
+    limit = min(MAX_LANES, by_slots, mixture.epoch_tokens // (_MIN_WINDOWS_PER_LANE * (seq_len + 1)))
+    return smooth_count(limit)
+
+
+def rank_windows(lanes: int, position: int, dp_size: int, per_rank: int, dp_rank: int) -> np.ndarray:
+    """The global windows (int64, ascending) rank `dp_rank` of `dp_size` reads in the step that consumes windows
+    [position, position + dp_size * per_rank) (see the module docstring).
+
+    Lanes below L - (L mod W) are owned, lane l by rank l mod W. The step's windows lie in consecutive lanes
+    (cyclically); skipping the shared ones, their owners run through 0..W-1 cyclically too, so every rank owns
+    at most per_rank of them. The windows in shared lanes make up the shortfalls, in rank order."""
+    windows = np.arange(position, position + dp_size * per_rank, dtype=np.int64)
+    lane = windows % lanes
+    owned = lane < lanes - lanes % dp_size
+    owner = lane % dp_size
+    mine = windows[owned & (owner == dp_rank)]
+    if len(mine) < per_rank:
+        short = per_rank - np.bincount(owner[owned], minlength=dp_size)
+        start = int(short[:dp_rank].sum())
+        mine = np.sort(np.concatenate([mine, windows[~owned][start:start + int(short[dp_rank])]]))
+    return mine
 
 
 class Segment:

@@ -3,9 +3,9 @@
 Training order (a pure function of seed and global window index): `lanes.LaneOrder` lays the documents of every
 epoch into L independent packed lanes and numbers the windows globally (window w is window w // L of lane w % L;
 see `lanes` for the mixture and why lanes). A step of the data-parallel group consumes the next
-`dp_size * micro_batch_size` global windows: rank r takes windows p + r, p + r + dp, ..., p + r + (B - 1) dp,
-where p is the group's position. When dp divides L a rank only ever touches L / dp lanes, so its order arrays
-are its share of the corpus, not the whole of it.
+`dp_size * micro_batch_size` global windows [p, p + dp B), p the group's position; each rank takes B of them, those
+of its own lanes (`lanes.rank_windows`: p + r, p + r + dp, ... when dp divides L). So a rank touches about L / dp
+lanes, and its order arrays are its share of the corpus, not the whole of it.
 
 State is where the group stands, the global `position`, identical on every rank (`epoch` beside it is about:
 each lane ends its epoch on its own). Because everything before that point has been consumed by the group and
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from lctrain.config import ConfigError
 from lctrain.data import sampling
-from lctrain.data.lanes import LaneOrder
+from lctrain.data.lanes import LaneOrder, rank_windows
 from lctrain.data.packing import PackedStream, collate, example_from
 
 STATE_VERSION = 2
@@ -45,12 +45,15 @@ class TrainLoader:
         """Global window `index` as model inputs (see `packing.example_from`)."""
         return example_from(*self.order.window(index))
 
+    def step_windows(self):
+        """The global windows this rank reads in the group's next step."""
+        return rank_windows(self.order.lanes, self.position, self.dp_size, self.micro_batch_size, self.dp_rank)
+
     def __iter__(self) -> "TrainLoader":
         return self
 
     def __next__(self) -> dict:
-        examples = [self.example(self.position + self.dp_rank + j * self.dp_size)
-                    for j in range(self.micro_batch_size)]
+        examples = [self.example(int(w)) for w in self.step_windows()]
         self.position += self.dp_size * self.micro_batch_size
         return collate(examples)
 
@@ -65,6 +68,10 @@ class TrainLoader:
             raise ConfigError(f"checkpoint.resume: the data loader state is version {state.get('version', 1)} "
                               f"(an earlier data order), this loader orders data by lanes (version {STATE_VERSION})"
                               "; resume with checkpoint.reset_data=true to start the data again")
+        if int(state.get("lanes", self.order.lanes)) != self.order.lanes:
+            raise ConfigError(f"checkpoint.resume: the data loader state orders data in {state['lanes']} lanes, "
+                              f"this loader in {self.order.lanes} (an earlier data order); resume with "
+                              "checkpoint.reset_data=true to start the data again")
         self.position = int(state["position"])
 
 

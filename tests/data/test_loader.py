@@ -98,8 +98,13 @@ def test_dp_ranks_get_disjoint_windows_covering_the_epoch(cfg_for):
     ranks = [build_data(cfg_for(), r, 2, progress=False) for r in range(2)]
     steps = ranks[0].train.order.windows_per_epoch // 4  # 2 ranks x micro_batch_size 2 windows per step
     assert steps >= 5
-    seen = [[w for batch in take(data.train, steps) for w in windows(batch)] for data in ranks]
-    assert not set(seen[0]) & set(seen[1])
+    ids = [[], []]
+    seen = [[], []]
+    for _ in range(steps):
+        for r, data in enumerate(ranks):
+            ids[r] += data.train.step_windows().tolist()
+            seen[r] += windows(next(data.train))
+    assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(steps * 4))
     every = [tuple(ranks[0].train.example(i)["input_ids"].tolist()) for i in range(steps * 4)]
     assert Counter(seen[0] + seen[1]) == Counter(every)
     assert seen[0][:2] == [every[0], every[2]] and seen[1][:2] == [every[1], every[3]]
