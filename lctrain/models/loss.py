@@ -47,23 +47,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = labels[start:start + chunk]
+            logits = _chunk_logits(h, weight)
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, 0)
-            # one fused pass for the normaliser; the logits buffer is dropped at once
-            logp = torch.log_softmax(_chunk_logits(h, weight), dim=-1)
-            total = total - (logp.gather(1, safe[:, None]).squeeze(1) * valid).sum()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total = total + ((lse - picked) * valid).sum()
             if not needs_grad:
                 continue
-            # d/dlogits of the summed CE: softmax - onehot (in place on logp). Ignored rows are zeroed on the
-            # D-wide side (their hidden rows and their gradient rows), not on the vocabulary-wide one.
-            grad_logits = logp.exp_()
+            # d/dlogits of the summed CE: softmax - onehot on target rows, 0 on ignored rows (in place on logits)
+            grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(h.shape[0], device=h.device), safe] -= 1.0
+            grad_logits.mul_(valid[:, None])
             grad_logits = grad_logits.to(h.dtype if h.dtype != torch.float64 else torch.float64)
-            keep = valid[:, None].to(grad_logits.dtype)
             if grad_hidden is not None:
-                torch.mul(grad_logits @ weight.to(grad_logits.dtype), keep, out=grad_hidden[start:start + chunk])
+                grad_hidden[start:start + chunk] = grad_logits @ weight.to(grad_logits.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().to(acc_dtype), (h * keep).to(acc_dtype))
+                grad_weight.addmm_(grad_logits.t().to(acc_dtype), h.to(acc_dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

@@ -3,19 +3,20 @@
 Counts are in elements of the activation dtype per token of one layer, read off each module's forward and checked
 by measurement (`tests/plan/test_activations.py` counts the saved tensors with `saved_tensors_hooks` on CPU):
 
-  every block   4 d (block input, mixer-norm output, residual, mlp-norm output) + 4 ffn (SwiGLU gate, up, act,
-                product) + 2 fp32 norm statistics; under bf16 autocast the 4 d stay fp32 (the residual stream is
-                fp32) and each projection reading a norm output keeps a bf16 copy of it (2 d for the MLP, and
-                `PROJECTIONS` d for the mixer)
-  attn          q, k, v projections, rotated q and k, output and the output projection's input:
-                4 H hd + 3 Hkv hd, + H fp32 log-sum-exp (the fused op keeps no mask and no [T, T] tensor, on
-                every backend)
-  gdn           module (projections, three short convolutions with their shifted masked copies, L2 norms, gates,
-                output norm): 12 H K + 11 H V + 2 d + 11 H; op: its inputs q, k, v + fp32 g, beta (2 H K + H V
-                + 2 H fp32), on every backend: the op is a custom op whose backward recomputes its forward, so no
-                chunk matrices or states are kept (coefficients fitted to the saved tensors of this code)
-  linear        module: 9 H hd + H fp32; op: its inputs q, k, v (3 H hd), on every backend (fitted likewise)
-  conv          (k + 5.3) x inner channels (the causal conv keeps one masked shifted copy per tap)
+  every block   block input and residual (fp32 under bf16 autocast too: the residual stream is fp32), 2 fp32 norm
+                statistics, 4 ffn (SwiGLU gate, up, act, product), and the norm outputs as the projections read
+                them: in fp32 one tensor each for the mixer and the MLP (2 d); under autocast no fp32 norm output
+                is kept (the norm's backward needs only its input and statistic), only a bf16 copy per projection
+                (2 d for the MLP, `PROJECTIONS` d for the mixer)
+  attn          rotated q and k, v, the op's output, the output projection's input: 3 H hd + 2 Hkv hd, + H fp32
+                log-sum-exp and the fp32 RoPE cos / sin (2 hd; the rotation's backward needs nothing else). The
+                fused op keeps no mask and no [T, T] tensor, on every backend
+  gdn           projections, three short convolutions (their closed-form backward keeps the input and a mask per
+                tap), L2 norms, gates, output norm and the op's inputs q, k, v, g, beta: 14 H K + 11 H V + 9 H
+                + 9 (fp32); the op is a custom op whose backward recomputes its forward, so no chunk matrices or
+                states are kept (coefficients read off the saved tensors of this code)
+  linear        9 H hd + H fp32, the op's inputs q, k, v included (read off likewise)
+  conv          (k + 3) x inner channels + (k + 1) fp32 masks
 
 Under sequence parallelism a layer holds T/W tokens, plus: allgather keeps every rank's K and V (W |kv|); ulysses
 keeps its head-sharded q, k, v (in place of the rotated ones) and output (+ H hd); ring keeps what one GPU does; LASP-2
@@ -30,25 +31,19 @@ from lctrain.plan.comm import local_tokens
 CHUNK = 64  # tokens per chunk of the linear-family kernels (triton launch tables and the torch chunk path)
 
 
-def _op_elements(layer, elem: int) -> float:
-    """Elements (of `elem` bytes) the recurrent op itself keeps per token: its inputs only, on every backend (the
-    op's backward recomputes its forward), q, k, v in the activation dtype and the gdn gates in fp32."""
-    h, k, v = layer.heads, layer.key_dim, layer.value_dim
-    if layer.type == "gdn":
-        return h * (2 * k + v + 2 * 4 / elem)
-    return h * (2 * k + v)
-
-
 # projections reading the mixer's normed input: under bf16 autocast each keeps its own bf16 copy of it
 PROJECTIONS = {"attn": 3, "gdn": 6, "linear": 4, "conv": 2}
 
 
 def block_elements(d_model: int, ffn: int, elem: int) -> float:
-    """Saved elements per token of a block's norms, residual and MLP. Under bf16 autocast (elem 2) the residual
-    stream stays fp32 (the embedding's dtype), so the block input, both norm outputs and the residual are fp32,
-    and the MLP's two projections each keep a bf16 copy of their input (measured: `tests/plan/test_activations.py`)."""
+    """Saved elements per token of a block's norms, residual and MLP: the block input and the residual (fp32 under
+    bf16 autocast too: the residual stream has the embedding's dtype), the two norm statistics, and the norm
+    outputs as the projections read them: in fp32 the mixer's and the MLP's (one tensor each); under autocast no
+    fp32 norm output is kept (the norm's backward needs only its input and statistic), only the bf16 copies each
+    projection makes, 2 d for the MLP here and `PROJECTIONS` d for the mixer (measured:
+    `tests/plan/test_activations.py`)."""
     f32 = 4 / elem
-    return 4 * d_model * f32 + 4 * ffn + 2 * f32 + (2 * d_model if elem < 4 else 0)
+    return 2 * d_model * f32 + 2 * d_model + 4 * ffn + 2 * f32
 
 
 def residual_bytes(elem: int) -> int:
@@ -63,20 +58,19 @@ def layer_elements(layer, d_model: int, ffn: int, elem: int, backend: str, sp: i
     block = block_elements(d_model, ffn, elem) + (PROJECTIONS[layer.type] * d_model if elem < 4 else 0)
     if layer.type == "attn":
         hd = layer.head_dim
-        mixer = 4 * layer.heads * hd + 3 * layer.kv_heads * hd + layer.heads * f32
+        mixer = 3 * layer.heads * hd + 2 * layer.kv_heads * hd + layer.heads * f32 + 2 * hd * f32
         if sp > 1 and attn == "allgather":   # every rank's K and V, gathered
             mixer += (sp - 1) * 2 * layer.kv_heads * hd
         if sp > 1 and attn == "ulysses":     # the head-sharded output, beside the one sent back
             mixer += layer.heads * hd
     elif layer.type == "gdn":  # (+ the L2 norms' and output norm's fp32 tensors under autocast)
-        mixer = 12 * layer.heads * layer.key_dim + 11 * layer.heads * layer.value_dim + 2 * d_model \
-            + 11 * layer.heads + _op_elements(layer, elem) \
-            + 2 * (f32 - 1) * layer.heads * (layer.key_dim + layer.value_dim)
+        mixer = 14 * layer.heads * layer.key_dim + 11 * layer.heads * layer.value_dim + 9 * layer.heads * f32 \
+            + 9 * f32 + 2 * (f32 - 1) * layer.heads * (layer.key_dim + layer.value_dim)
     elif layer.type == "linear":
-        mixer = 9 * layer.heads * layer.head_dim + layer.heads * f32 + _op_elements(layer, elem)
+        mixer = 9 * layer.heads * layer.head_dim + layer.heads * f32
     else:
         channels, kernel = layer.convs[0]
-        mixer = (kernel + 5.3) * channels
+        mixer = (kernel + 3) * channels + (kernel + 1) * f32
     return block + mixer
 
 
