@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/ itself must not be on the path: its kernels.py would shadow the `kernels` package transformers probes.
+# bench/ itself must not be on the path: a script there could shadow a package transformers probes.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/kernels.py would shadow the `kernels` package transformers imports: drop the script directory.
+# a script in bench/ could shadow a package transformers imports: drop the script directory.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 

@@ -2,15 +2,18 @@
 and the op agrees with the reference outputs."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_gpu_attention_section_smoke(tmp_path):
-    import gpu_attention
+    # loaded from its file: bench/ never goes on sys.path (later subprocesses inherit the path)
+    spec = importlib.util.spec_from_file_location("gpu_attention", BENCH / "gpu_attention.py")
+    gpu_attention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_attention)
     report = gpu_attention.run(tmp_path, smoke=True)
     assert json.loads((tmp_path / "gpu_attention.json").read_text()) == report
     cases = report["cases"]

@@ -6,8 +6,8 @@ GPU (full mode): bf16, T = 2K ... 64K at a fixed number of tokens per batch, lct
 CPU (reduced mode): the chunked PyTorch path's tokens/s vs T at fixed total tokens, which shows linear cost
 (constant tokens/s) against SDPA's quadratic cost.
 
-    python bench/kernels.py                 # GPU when present, else CPU reduced mode
-    python bench/kernels.py --cpu --quick   # a few seconds
+    python bench/kernel_speed.py                 # GPU when present, else CPU reduced mode
+    python bench/kernel_speed.py --cpu --quick   # a few seconds
 Writes bench/results/kernels_<device>.json and .png.
 """
 from __future__ import annotations
