@@ -44,6 +44,7 @@ def test_sinklora_recipe_extends_a_run(cache_dir, base_run, tmp_path):
     assert [r["length"] for r in ppl] == [64, 128] and all(r["ppl"] > 1 for r in ppl)
 
 
+@pytest.mark.slow  # ~17 s; profile, search and apply are checked on their own in tests/moa
 def test_moa_profile_search_and_evaluate(cache_dir, base_run, tmp_path):
     profile, plan = tmp_path / "profile.pt", tmp_path / "plan.json"
     lctrain(cache_dir, "moa", "profile", base_run, "--lengths", "48,64", "--docs", "2", "--sink", "4",

@@ -9,10 +9,11 @@ CASE_MODULE = "tests.parallel.cases_attention"
 
 
 def _params():
-    """Every case on 2 and 4 processes; the bf16 cases on 4 processes (slowest, same code as on 2) with -m slow."""
+    """Every case on 2 and 4 processes; the bf16 cases and the byte count on 4 processes (slowest, same code as on
+    2) with -m slow."""
     for case in sorted(cases_attention.CASES):
         for world in WORLD_SIZES:
-            slow = "bf16" in case and world == 4
+            slow = ("bf16" in case or case == "allgather_bytes") and world == 4
             yield pytest.param(case, world, marks=pytest.mark.slow) if slow else (case, world)
 
 

@@ -38,7 +38,8 @@ def test_tiny_recipe_trains_and_writes_run_dir(cache_dir, tmp_path):
     assert state["step"] == 40 and state["tokens"] == 40 * 4 * 64
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# 2 processes: ~20 s, slow; a 2-rank resume is also in tests/data/test_elastic_resume.py
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(cache_dir, tmp_path, nproc):
     steps = ["train.steps=8", "train.schedule=cosine", "data.max_documents=12"]  # small data: crosses an epoch
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -55,6 +56,7 @@ def test_resume_is_bit_identical(cache_dir, tmp_path, nproc):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+@pytest.mark.slow  # ~12 s; per-source batching itself is checked in tests/data
 def test_per_source_batching_with_accumulation_resumes_bit_identically(cache_dir, tmp_path):
     sources = ", ".join(f"{{type: mqar, num_kv_pairs: {n}, task_vocab: 16, num_examples: 60, seed: {n}}}"
                         for n in (2, 4, 6))
@@ -83,7 +85,7 @@ def _wait_for_step(run: Path, step: int, proc, timeout: float = 120) -> None:
     raise AssertionError("training did not reach the step in time")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_preemption_signal_saves_and_exits_zero(cache_dir, tmp_path, signum):
     run = tmp_path / "run"
     proc = subprocess.Popen(lctrain_cmd(run, "train.steps=100000", "checkpoint.interval=0"), cwd=ROOT,
