@@ -26,6 +26,7 @@ def lctrain(cache_dir, *args, expect: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # ~11 s; the SinkLoRA fine-tune itself is also in tests/export/test_hf_import.py
 def test_sinklora_recipe_extends_a_run(cache_dir, base_run, tmp_path):
     run = tmp_path / "sinklora"
     # The recipe itself, shrunk: the model's shape and tokenizer follow the base run.

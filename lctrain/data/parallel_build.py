@@ -57,7 +57,7 @@ def encode_in_worker(model_proto: bytes, texts: list[str]) -> list:
 
     if _worker_tokenizer is None:
         _init_worker(model_proto)
-    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts)]
+    return [np.asarray(ids, dtype=np.int32) for ids in _worker_tokenizer.encode_batch(texts, threads=1)]
 
 
 def _build_in_worker(root: str, key: str, shard, on_bad: str, blocking: bool):

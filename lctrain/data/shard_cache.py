@@ -151,7 +151,9 @@ def tokenize_shard(shard, tokenizer, on_bad: str, directory: Path) -> dict:
         def flush():
             nonlocal batch, chars
             if batch:
-                for ids in tokenizer.encode_batch(batch):
+                # one thread per builder: the builders (`data.num_workers` per rank) already share out the
+                # cores, and sentencepiece's own pool in each would put workers x cores threads on them
+                for ids in tokenizer.encode_batch(batch, threads=1):
                     np.asarray(ids, dtype=dtype).tofile(out)
                     lengths.append(len(ids))
                 batch, chars = [], 0

@@ -90,8 +90,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts))
+    def encode_batch(self, texts: Sequence[str], threads: int | None = None) -> list[list[int]]:
+        """Token ids of each text. threads: sentencepiece's encoding threads (None: its default, every core); the
+        cache build passes 1, because its parallelism is `data.num_workers` processes."""
+        return self._sp.encode(list(texts), num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

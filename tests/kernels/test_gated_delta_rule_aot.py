@@ -18,14 +18,14 @@ from tests.kernels.aot_util import assert_all_ok, compile_env
 MODULE = "lctrain.kernels.gated_delta_rule.triton_chunk"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Runs in a clean interpreter: compile the specs of `head_dims` for every arch and dtype, print the report.
+# Runs in a clean interpreter: compile the specs of `head_dims` for every arch and the given dtypes, print the report.
 _SUBSET_CHECK = """
 import json, sys
 from lctrain.kernels import aot
 from lctrain.kernels.gated_delta_rule.triton_chunk import aot_specs
 head_dims = [tuple(d) for d in json.loads(sys.argv[1])]
 results = []
-for dtype in aot.DEFAULT_DTYPES:
+for dtype in json.loads(sys.argv[3]):
     wanted = {spec.label for spec in aot_specs(dtype, head_dims)}
     for index, spec in enumerate(aot._specs(sys.argv[2], dtype)):
         if spec.label in wanted:
@@ -92,15 +92,25 @@ def test_registered_with_the_checker():
         assert listed == defined  # every kernel the autograd Function launches is checked
 
 
-def test_largest_configs_compile_without_spills():
+def _check_largest(dtypes):
     with tempfile.TemporaryDirectory() as cache_dir:
-        proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, json.dumps([[128, 256]]), MODULE],
+        proc = subprocess.run([sys.executable, "-c", _SUBSET_CHECK, json.dumps([[128, 256]]), MODULE, json.dumps(dtypes)],
                               capture_output=True, text=True, env=compile_env(cache_dir), timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["arch"] for r in results} == set(aot.DEFAULT_ARCHS)
-    assert {r["dtype"] for r in results} == set(aot.DEFAULT_DTYPES)
+    assert {r["dtype"] for r in results} == set(dtypes)
     assert_all_ok(results)
+
+
+def test_largest_configs_compile_without_spills():
+    """The recipes' head dims (K=128, V=256) in bf16, the GPU training dtype, on every arch."""
+    _check_largest(["bf16"])
+
+
+@pytest.mark.slow  # the fp32 variant of the same check (~14 s); every config with the sweep below
+def test_largest_configs_compile_without_spills_fp32():
+    _check_largest(["fp32"])
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ CASE_MODULE = "tests.parallel.cases_attention"
 
 
 def _params():
-    """Every case on 2 and 4 processes; the bf16 cases and the byte count on 4 processes (slowest, same code as on
-    2) with -m slow."""
+    """Every case on 2 and 4 processes; on 4 processes the bf16 cases, the byte count and the plain allgather
+    (slowest, same code as on 2) with -m slow."""
     for case in sorted(cases_attention.CASES):
         for world in WORLD_SIZES:
-            slow = ("bf16" in case or case == "allgather_bytes") and world == 4
+            slow = world == 4 and ("bf16" in case or case in ("allgather_bytes", "allgather_contiguous"))
             yield pytest.param(case, world, marks=pytest.mark.slow) if slow else (case, world)
 
 

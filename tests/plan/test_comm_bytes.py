@@ -20,7 +20,7 @@ def _check(module: str, world: int, case: str) -> None:
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", (2, 4))
+@pytest.mark.parametrize("world", (2, pytest.param(4, marks=pytest.mark.slow)))  # 4: ~10 s, same counting code
 @pytest.mark.parametrize("case", sorted(cases_comm.FAST))
 def test_planned_bytes_equal_counted(world, case):
     _check("tests.plan.cases_comm_fast", world, case)
