@@ -85,6 +85,7 @@ def test_taylor_kernels_compile_without_spills():
     _assert_all_ok(results, {"taylor_fwd_kernel", "taylor_bwd_dq_kernel", "taylor_bwd_dkv_kernel"})
 
 
+@pytest.mark.slow  # ~14 s; every local config is in the slow sweep, the Taylor widest ones stay default
 def test_widest_local_attention_kernels_compile_without_spills():
     results = _compile(LOCAL, {"head_dims": [[128, 128]]})
     _assert_all_ok(results, {"local_attention_fwd_kernel", "local_attention_bwd_dq_kernel",

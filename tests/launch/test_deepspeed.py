@@ -73,6 +73,7 @@ def test_contradicting_deepspeed_json_is_one_line(cache_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~15 s; DeepSpeed and SP each have default tests of their own
 def test_deepspeed_with_sequence_parallel_matches_one_process(cache_dir, tmp_path):
     """ZeRO-2 over a world that is one SP group of 2: same losses as a single process on the whole sequence."""
     model = ["model.pattern=GGGA", "model.n_layers=4", "train.steps=3", "checkpoint.interval=0",
