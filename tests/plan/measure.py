@@ -2,6 +2,8 @@
 every live tensor's storage: the CPU counterpart of `torch.cuda.max_memory_allocated`)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lctrain.config import load_config
@@ -21,12 +23,19 @@ def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: 
                         kernel_ops: tuple = RECURRENT_OPS, bf16: bool = False) -> int:
     """Peak bytes of live tensors over the second of two training steps (optimizer state exists then);
     allocations inside the `kernel_ops` count. `bf16`: forward under bf16 autocast, as the trainer runs it."""
-    from torch.distributed._tools.mem_tracker import MemTracker
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     model = LanguageModel(cfg.model).train()
+    return second_step_peak_bytes(model, cfg, packed_batch(rows, seq_len, cfg.model.vocab_size, doc_len),
+                                  kernel_ops, bf16)
+
+
+def second_step_peak_bytes(model, cfg, batch, kernel_ops: tuple = RECURRENT_OPS, bf16: bool = False,
+                           context=contextlib.nullcontext) -> int:
+    """MemTracker's peak over the second of two AdamW training steps of `model` on `batch`; `context()` is entered
+    around the tracked step."""
+    from torch.distributed._tools.mem_tracker import MemTracker
     optimizer = build_optimizer(model, cfg.train)
-    batch = packed_batch(rows, seq_len, cfg.model.vocab_size, doc_len)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -37,7 +46,7 @@ def measured_peak_bytes(overrides: list[str], rows: int, seq_len: int, doc_len: 
     step()
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
-    with tracker, IntoKernelOps(kernel_ops):  # the recurrent ops' inner tensors count, as they do on a device
+    with tracker, IntoKernelOps(kernel_ops), context():  # the recurrent ops' inner tensors count, as on a device
         step()
     peak = tracker.get_tracker_snapshot("peak")
     return int(sum(v["Total"] for v in peak.values()))

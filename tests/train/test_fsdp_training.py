@@ -26,6 +26,14 @@ def close(a: dict, b: dict, rel: float) -> bool:
     return sorted(a) == sorted(b) and all(math.isclose(a[k], b[k], rel_tol=rel) for k in a)
 
 
+def _export_fp32(cache_dir, run, out):
+    """`python -m lctrain export RUN OUT --dtype float32`; returns OUT."""
+    proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(run), str(out), "--dtype", "float32"],
+                          cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def test_fsdp_with_sp_2x2_equals_ddp(cache_dir, tmp_path):
     """4 ranks as 2 data shards x SP groups of 2 (GDN state passing + attention all-gather): same losses."""
     args = ["train.steps=4", "parallel.sp=2", "model.pattern=GA", *GLOBAL]
@@ -135,11 +143,7 @@ def test_fsdp_run_exports_and_loads_like_the_ddp_run(cache_dir, tmp_path):
     # the loop's final evaluation (every rank runs every batch under fsdp, they are shared under ddp) agrees
     evals = [[r["eval_loss"] for r in read_metrics(tmp_path / e) if "eval_loss" in r] for e in ("ddp", "fsdp")]
     assert len(evals[0]) == 1 and math.isclose(evals[0][0], evals[1][0], rel_tol=1e-5), evals
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
-                           "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _export_fp32(cache_dir, tmp_path / "fsdp", tmp_path / "hf")
     ddp, tok = lctrain.load_model(tmp_path / "ddp")
     fsdp, _ = lctrain.load_model(tmp_path / "fsdp" / "checkpoints" / "step-3")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
@@ -168,11 +172,7 @@ def test_fsdp_lora_run_exports_like_the_ddp_lora_run(cache_dir, tmp_path):
     assert len(a) == 3 and close(a, b, 1e-5), (a, b)
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-3"
     assert (ckpt / "adapter.json").is_file() and (ckpt / "dcp" / ".metadata").is_file()
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "lctrain", "export", str(tmp_path / "fsdp"), str(out), "--dtype",
-                           "float32"], cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _export_fp32(cache_dir, tmp_path / "fsdp", tmp_path / "hf")
     ddp, tok = lctrain.load_model(tmp_path / "ddp")
     base_model, _ = lctrain.load_model(base)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

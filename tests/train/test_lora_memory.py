@@ -13,7 +13,7 @@ from lctrain.plan.shape import shape_of
 from lctrain.train.lora import apply_lora
 from lctrain.train.memory import fsdp_memory_per_gpu, peak_memory_line, run_workload
 from tests.plan.kernel_ops import ALL_OPS, IntoKernelOps
-from tests.plan.measure import packed_batch
+from tests.plan.measure import packed_batch, second_step_peak_bytes
 from tests.train.test_dry_run_peak import BASE, PEAK, SMALL
 
 # every linear layer of the GDN / linear / attention hybrid below ("all-linear" LoRA)
@@ -85,24 +85,9 @@ def frozen_params_without_grad_hooks():
 
 def measured_lora_peak_mib(cfg) -> float:
     """MemTracker's peak over the second LoRA training step (AdamW state exists then), fp32 on CPU."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from lctrain.train.optim import build_optimizer
-    model = lora_model(cfg).train()
-    optimizer = build_optimizer(model, cfg.train)
     batch = packed_batch(ROWS, SEQ, cfg.model.vocab_size, SEQ)
-
-    def step():
-        out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"])
-        (out.loss_sum / out.n_targets).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    step()
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker, IntoKernelOps(ALL_OPS), frozen_params_without_grad_hooks():
-        step()
-    return sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()) / 2**20
+    return second_step_peak_bytes(lora_model(cfg).train(), cfg, batch, ALL_OPS,
+                                  context=frozen_params_without_grad_hooks) / 2**20
 
 
 def test_printed_lora_peak_within_25_percent_of_measured():

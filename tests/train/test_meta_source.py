@@ -29,15 +29,21 @@ def base_file(tmp_path):
     return model, path
 
 
-def test_pieces_read_from_a_safetensors_file_equal_the_saved_model(base_file):
-    saved, path = base_file
-    source = open_source(str(path))
+def _filled(source):
+    """A meta model checked against `source` and materialised piece by piece from it, as the fsdp build does."""
     model = _meta(_cfg())
     check(model, source)
     fill = filler(model, source)
     for name, piece in pieces(model):
         piece.to_empty(device="cpu")
         fill(name, piece)
+    return model
+
+
+def test_pieces_read_from_a_safetensors_file_equal_the_saved_model(base_file):
+    saved, path = base_file
+    source = open_source(str(path))
+    model = _filled(source)
     want = dict(saved.named_parameters())
     for name, value in model.named_parameters():
         assert torch.equal(value, want[name]), name
@@ -88,12 +94,7 @@ def test_a_lora_checkpoint_is_merged_tensor_by_tensor(base_file, tmp_path, capsy
     load_weights(merged, str(adapter))  # the host path: base, adapters, merge_lora
     assert not torch.equal(merged.layers[1].mixer.q_proj.weight, saved.layers[1].mixer.q_proj.weight)
     source = open_source(str(adapter))
-    model = _meta(_cfg())
-    check(model, source)
-    fill = filler(model, source)
-    for name, piece in pieces(model):
-        piece.to_empty(device="cpu")
-        fill(name, piece)
+    model = _filled(source)
     want = dict(merged.named_parameters())
     for name, value in model.named_parameters():
         assert torch.equal(value, want[name]), name
