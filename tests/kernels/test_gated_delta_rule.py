@@ -101,6 +101,11 @@ TRITON_CASES = [
 
 @pytest.mark.parametrize("batch,seq_len,heads,key_dim,value_dim,lengths", TRITON_CASES)
 def test_triton_matches_naive(poisoned_buffers, batch, seq_len, heads, key_dim, value_dim, lengths):
+    check_triton_against_naive(batch, seq_len, heads, key_dim, value_dim, lengths)
+
+
+def check_triton_against_naive(batch, seq_len, heads, key_dim, value_dim, lengths) -> None:
+    """Outputs, final states and every gradient of the Triton op (fp32 inputs) against the float64 recurrence."""
     cu_seqlens = doc_offsets(lengths)
     inputs = make_inputs(batch, seq_len, heads, key_dim, value_dim, num_seqs=len(lengths) if lengths else None)
     cotangents = cotangents_for(inputs, cu_seqlens)

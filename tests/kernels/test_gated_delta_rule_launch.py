@@ -8,8 +8,8 @@ import torch
 
 from lctrain.kernels.gated_delta_rule import triton_chunk
 from lctrain.kernels.gated_delta_rule.triton_config import launch_config
-from tests.kernels.test_gated_delta_rule import (assert_close_rel, cotangents_for, doc_offsets, make_inputs,
-                                                 run_with_grads)
+from tests.kernels.test_gated_delta_rule import (assert_close_rel, check_triton_against_naive, cotangents_for,
+                                                 doc_offsets, make_inputs, run_with_grads)
 
 
 def test_launch_table_chunks():
@@ -44,12 +44,7 @@ def bf16_table_for_fp32(monkeypatch):
 ])
 def test_triton_at_the_bf16_configuration_matches_naive(bf16_table_for_fp32, batch, seq_len, heads, key_dim,
                                                          value_dim, lengths):
-    cu_seqlens = doc_offsets(lengths)
-    inputs = make_inputs(batch, seq_len, heads, key_dim, value_dim, num_seqs=len(lengths) if lengths else None)
-    cotangents = cotangents_for(inputs, cu_seqlens)
-    want = run_with_grads(inputs, cotangents, cu_seqlens, "naive")
-    got = run_with_grads([x.float() for x in inputs], cotangents, cu_seqlens, "triton")
-    assert_close_rel(got, want, 1e-4)
+    check_triton_against_naive(batch, seq_len, heads, key_dim, value_dim, lengths)
     chunks = sum(-(-n // 64) for n in lengths) if lengths else batch * -(-seq_len // 64)
     assert (batch * seq_len, heads, 64) in bf16_table_for_fp32  # A and Aqk rows are 64 wide...
     assert (chunks, heads, key_dim, value_dim) in bf16_table_for_fp32  # ...and one state per 64-token chunk
