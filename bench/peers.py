@@ -26,6 +26,7 @@ Writes bench/results/peers_<cpu|gpu>[_smoke].json and a PNG beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -246,8 +247,33 @@ def summarise(records: list[dict]) -> dict:
             "total_wait_s": sum(r["waited_s"] or 0.0 for r in records)}
 
 
+@contextlib.contextmanager
+def recurrent_op_free():
+    """lctrain's recurrent ops (the GDN op included) replaced by a stand-in that costs nothing: o = v, with q, k
+    and the gates kept in the graph at the cost of a sum, so every projection still runs forward and backward.
+    A step timed under it is a floor for lctrain's step; the peer's time over it bounds the speedup any recurrent
+    op could give (the dense matmuls, attention layers and the loss are the same work on both sides)."""
+    from lctrain.models.mixers import gated_deltanet
+
+    def free(name, q, k, v, ctx, layer_cache, backend=None, recompute=True, **gates):
+        touch = q.sum() + k.sum() + sum(g.sum() for g in gates.values() if g is not None)
+        return v + 0.0 * touch
+
+    original = gated_deltanet.run_linear_op
+    gated_deltanet.run_linear_op = free
+    try:
+        yield
+    finally:
+        gated_deltanet.run_linear_op = original
+
+
 def run_pattern(pattern: str, shapes: dict, device: str, steps: int, warmup: int, wait_s: float,
-                lctrain_overrides: dict | None = None, profile_to: Path | None = None) -> dict:
+                lctrain_overrides: dict | None = None, profile_to: Path | None = None, op_free: bool = False) -> dict:
+    if op_free:  # a floor for lctrain's step: see recurrent_op_free
+        with recurrent_op_free():
+            row = run_pattern(pattern, shapes, device, steps, warmup, wait_s, lctrain_overrides)
+        row["pattern"] = f"{pattern} (floor: GDN op free)"
+        return row
     pair = make_pair(pattern, shapes, device, lctrain_overrides)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shapes["vocab_size"], (shapes["batch"], shapes["seq_len"]), generator=gen).to(device)
@@ -368,6 +394,9 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
         if pattern == "op":
             rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0,
                                    lctrain_overrides["kernel_recompute"]))
+        elif pattern == "floor":
+            rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+                                    lctrain_overrides, op_free=True))
         else:
             rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
                                     lctrain_overrides,
@@ -392,7 +421,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, not the speed")
     parser.add_argument("--patterns", default="A,GGGA,op",
-                        help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone)")
+                        help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone), floor (GGGA "
+                        "with lctrain's GDN op free: the most any GDN op could gain)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per side (default 5 on CPU)")
     parser.add_argument("--max-wait", type=float, default=30.0, help="cap on the quiet-machine wait per step (s)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
@@ -406,9 +436,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     patterns = [p for p in args.patterns.split(",") if p]
-    bad = [p for p in patterns if p not in PATTERNS and p != "op"]
+    bad = [p for p in patterns if p not in PATTERNS and p not in ("op", "floor")]
     if bad:
-        allowed = ", ".join([*PATTERNS, "op"])
+        allowed = ", ".join([*PATTERNS, "op", "floor"])
         print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {allowed}", file=sys.stderr)
         sys.exit(2)
     overrides = {"kernel_recompute": args.kernel_recompute}

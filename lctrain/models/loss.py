@@ -50,15 +50,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = _chunk_logits(h, weight)
             valid = y != IGNORE_INDEX
             safe = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # log-sum-exp in place: one max pass, one exp pass over the chunk, no [n, vocab] temporaries
+            # (torch.logsumexp allocates x - max and exponentiates it apart from the exp kept for the gradient)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            row_max.masked_fill_(torch.isinf(row_max), 0.0)  # a row of -inf logits stays -inf, not nan
+            exp = logits.sub_(row_max).exp_()
+            row_sum = exp.sum(dim=-1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
             total = total + ((lse - picked) * valid).sum()
             if not needs_grad:
                 continue
-            # d/dlogits of the summed CE: softmax - onehot on target rows, 0 on ignored rows (in place on logits)
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(h.shape[0], device=h.device), safe] -= 1.0
-            grad_logits.mul_(valid[:, None])
+            # d/dlogits of the summed CE: softmax - onehot on target rows, 0 on ignored rows (in place on logits);
+            # one pass normalises and zeroes the ignored rows together
+            keep = valid.to(exp.dtype)[:, None]
+            grad_logits = exp.mul_(keep / row_sum)
+            grad_logits[torch.arange(h.shape[0], device=h.device), safe] -= keep[:, 0]
             grad_logits = grad_logits.to(h.dtype if h.dtype != torch.float64 else torch.float64)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits @ weight.to(grad_logits.dtype)

@@ -77,3 +77,21 @@ def test_auto_chunk_size_follows_the_budget():
     big_vocab = 128 * 1024
     assert loss_chunk_size(0, 1 << 20, big_vocab) == AUTO_LOGITS_BUDGET_BYTES // (4 * big_vocab)
     assert loss_chunk_size(2048, 100, 4096) == 100 and loss_chunk_size(7, 100, 4096) == 7
+
+
+def test_large_logits_and_fully_ignored_chunks():
+    """Logits far beyond exp's range (the in-place log-sum-exp subtracts the row max first) and a chunk whose labels
+    are all ignored: loss and gradients still equal plain cross-entropy."""
+    hidden, weight, labels = _case(n=24, d=8, vocab=50, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        hidden.mul_(40.0)  # logits of several hundred
+    labels[8:16] = -100  # the second chunk of 8 holds no target
+    loss, n = chunked_cross_entropy_sum(hidden, weight, labels, 8)
+    ref = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
+    assert int(n) == 24 - 8 - 3 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-3)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    want = torch.autograd.grad(ref, (hidden, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert float(got[0][8:16].abs().max()) == 0.0
