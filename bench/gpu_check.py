@@ -5,10 +5,13 @@ Optional wheels (fla-core for the fla comparisons, einops which it needs), fetch
 copied beside the repository (about 1 MiB together; nothing else is needed):
 
     pip download --no-deps --only-binary=:all: --dest wheels fla-core==0.6.0 einops==0.8.2
+    # for the peers section (transformers and what it imports; torch is already there, about 40 MiB):
+    pip download --only-binary=:all: --dest wheels transformers==5.25.0   # then delete the torch/nvidia wheels
 
 On the GPU machine (no internet):
 
     pip install --no-index --no-deps --find-links wheels fla-core einops   # optional: fla sections skip without
+    pip install --no-index --find-links wheels transformers                # optional: the peers section
     python bench/gpu_check.py                 # JSON per section into $OUT (or --out DIR), summary table on stdout
     python bench/gpu_check.py --sections kernels,training
     python bench/gpu_check.py --smoke         # every section at tiny sizes on the CPU (the default test suite runs it)
@@ -22,6 +25,9 @@ that section only) and write their JSON file after every case, so a timeout keep
   kernels      lctrain GDN vs fla chunk_gated_delta_rule, lctrain linear attention vs fla chunk_simple_gla,
                attention backends: fwd+bwd median ms (triton do_bench, grad_to_none), peak memory, T = 8K, 32K;
   attention    the fused-attention check `bench/gpu_attention.py: run(out_dir, smoke)` when present;
+  peers        `bench/peers.py` on this device: lctrain vs transformers on the same model (Llama, Qwen3-Next) and
+               the GDN op, bf16 autocast, fla on the peer's side when importable (the whole result in peers.json);
+               skipped when transformers is not importable (optional wheels below);
   training     the ~335M 3:1 hybrid (recipes/hybrid_3to1.yaml) at 32K packed tokens, bf16 autocast, activation
                checkpointing, 1 warm-up + 3 timed steps, eager and `model.compile`: tokens/s, MFU by lctrain's
                count and by a torchtitan-style count (both labelled), peak memory.
@@ -45,13 +51,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # name -> (deadline in seconds on the GPU, run in a subprocess)
-# Total 460 s, inside the 8-minute target. Never yet run on a GPU: the per-section split is an estimate.
+# Total 480 s, the 8-minute target. Never yet run on a GPU: the per-section split is an estimate.
 SECTIONS = {
     "environment": (20, False),
-    "correctness": (150, True),
+    "correctness": (140, True),
     "kernels": (100, True),
     "attention": (40, True),
-    "training": (150, True),
+    "peers": (40, True),
+    "training": (140, True),
 }
 GPU_TESTS_BUDGET = 70
 SMOKE_DEADLINE = 300  # generous: the CPU suite may share a busy machine
@@ -412,6 +419,24 @@ def section_attention(sec: Section) -> None:
     sec.add(case="bench/gpu_attention.py run()", result=result if isinstance(result, (dict, list, str)) else None)
 
 
+def section_peers(sec: Section) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        sec.skip("transformers is not importable (optional wheels: see this script's docstring)")
+        return
+    from bench import peers
+
+    # the whole result goes into this section's JSON (the device returns few files): bench/peers.py's table and
+    # plot can be made from it later
+    result = peers.run(sec.path.parent, sec.smoke, patterns=("A", "GGGA", "op"), write=False)
+    for row in result["rows"]:
+        sec.add(case=f"{row['pattern']} vs {row['peer']}", speedup=row["speedup_median"],
+                lctrain_ms=row["lctrain"]["median_s"] * 1e3, peer_ms=row["peer_time"]["median_s"] * 1e3,
+                check=row["initial_loss"], fla_on_peer=result["fla_on_peer"], dtype=result["dtype"])
+    sec.add(case="peers result", result=result)
+
+
 # ------------------------------------------------------------------------------------------------ training
 def titan_flops_per_token(model, seq_len: int) -> float:
     """torchtitan's count: 6 * non-embedding parameters + 12 * L_attn * H * d_head * T (attention counted
@@ -503,7 +528,7 @@ def train_case(compiled: bool, smoke: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 RUNNERS = {"environment": section_environment, "correctness": section_correctness, "kernels": section_kernels,
-           "attention": section_attention, "training": section_training}
+           "attention": section_attention, "peers": section_peers, "training": section_training}
 
 
 def run_section(name: str, out: Path, smoke: bool) -> None:

@@ -2,11 +2,14 @@
 
     python bench/peers.py                 # CPU: d=256, 4 layers, 4 heads x 64, FFN 768, vocab 4096, B=4, T=2048
     python bench/peers.py --smoke         # tiny shapes, a few seconds (checks the harness, not the speed)
-    bench/gpu_check.py calls run(out_dir, smoke) on a GPU (bf16 autocast; the peer uses fla when it is installed)
+    bench/gpu_check.py (section peers) calls run(out_dir, smoke) on a GPU (bf16 autocast; the peer uses fla when
+    it is installed)
 
-Peers: pattern A (attention) <-> LlamaForCausalLM; GGGA (Gated DeltaNet 3:1 attention) <-> Qwen3NextForCausalLM
-with a dense MLP in every layer and full RoPE. One step = forward + backward + AdamW on random tokens. Row "op": the
-Gated DeltaNet op alone (forward + backward) vs the one Qwen3-Next calls, outputs compared first.
+Peers: pattern A (attention) <-> LlamaForCausalLM; GGGA (Gated DeltaNet 3:1 attention) and G (Gated DeltaNet
+only, what a 6:1 hybrid is at 4 layers) <-> Qwen3NextForCausalLM with a dense MLP in every layer and full RoPE.
+One step = forward + backward + AdamW on random tokens. Row "op": the Gated DeltaNet op alone (forward + backward)
+vs the one Qwen3-Next calls, outputs compared first. Row "floor": GGGA with lctrain's GDN op replaced by a stand-in
+that costs nothing, so peer / floor is the most any GDN op could gain on this machine.
 
 Llama takes lctrain's weights one to one (the export's name mapping), and the two initial losses must agree before
 anything is timed. Qwen3-Next's layers do not map (fused q/k/v/z projections, zero-centred norms, gated attention
@@ -49,7 +52,7 @@ from lctrain.models import LanguageModel  # noqa: E402
 SHAPES = {"d_model": 256, "n_layers": 4, "n_heads": 4, "head_dim": 64, "ffn_dim": 768, "vocab_size": 4096,
           "batch": 4, "seq_len": 2048}
 SMOKE_SHAPES = {**SHAPES, "batch": 2, "seq_len": 256, "vocab_size": 512}
-PATTERNS = {"A": "LlamaForCausalLM", "GGGA": "Qwen3NextForCausalLM"}
+PATTERNS = {"A": "LlamaForCausalLM", "GGGA": "Qwen3NextForCausalLM", "G": "Qwen3NextForCausalLM"}
 QUIET_SHARE = 0.15  # a step counts as quiet when other processes used less than this share of the CPU
 
 
@@ -105,7 +108,8 @@ def _lctrain_loss(model, ids, labels):
 
 
 def _peer_loss(model, ids, labels):
-    return model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
+    # transformers shifts the labels itself; no KV cache in training (Qwen3-Next's cannot hold GDN layers only)
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def make_pair(pattern: str, shapes: dict, device: str, lctrain_overrides: dict | None = None) -> dict:
@@ -137,7 +141,7 @@ def time_alternated(steps_fns: dict, steps: int, warmup: int, device: str, wait_
     for rnd in range(warmup + steps):
         order = list(steps_fns) if rnd % 2 == 0 else list(reversed(steps_fns))  # neither side always goes first
         for name in order:
-            quiet = wait_for_quiet(QUIET_SHARE, wait_s) if device == "cpu" else {}
+            quiet = wait_for_quiet(QUIET_SHARE, wait_s) if device == "cpu" and wait_s > 0 else {}
             meter = LoadMeter()
             meter.start()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -377,9 +381,10 @@ def plot(result: dict, path: Path) -> None:
 
 def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), steps: int | None = None,
         warmup: int | None = None, wait_s: float = 30.0, lctrain_overrides: dict | None = None, tag: str = "",
-        threads: int = 0, profile: bool = False) -> dict:
+        threads: int = 0, profile: bool = False, write: bool = True) -> dict:
     """Measure every pattern on the available device; writes peers_<cpu|gpu>[_smoke]<tag>.{json,png} to out_dir
-    (with `profile`: also the profiler tables of one step per side, peers_profile_<pattern>_<side>.txt).
+    (with `profile`: also the profiler tables of one step per side, peers_profile_<pattern>_<side>.txt; with
+    `write` false nothing is written: the caller keeps the returned result).
     On a GPU the models run under bf16 autocast; whether fla was importable (the peer's fast path) is recorded."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE_SHAPES if smoke else SHAPES
@@ -388,17 +393,18 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
     lctrain_overrides = {"kernel_recompute": False, **(lctrain_overrides or {})}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if profile:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for pattern in patterns:
         if pattern == "op":
-            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 0.0,
                                    lctrain_overrides["kernel_recompute"]))
         elif pattern == "floor":
-            rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+            rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait_s if not smoke else 0.0,
                                     lctrain_overrides, op_free=True))
         else:
-            rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 2.0,
+            rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 0.0,
                                     lctrain_overrides,
                                     Path(out_dir) / f"peers_profile_{pattern}{tag}_" if profile else None))
         print(f"{pattern}: lctrain {rows[-1]['lctrain']['median_s']:.3f}s vs {rows[-1]['peer']} "
@@ -408,23 +414,26 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
               else "fp32", "transformers": transformers.__version__, "fla_on_peer": fla_available(),
               "shapes": shapes, "quiet_threshold": QUIET_SHARE, "max_wait_s": wait_s, "rows": rows,
               "lctrain_overrides": lctrain_overrides or {}}
+    print(table(result))
+    if not write:
+        return result
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"peers_{'gpu' if device == 'cuda' else 'cpu'}{'_smoke' if smoke else ''}{tag}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"{stem}.png")
-    print(table(result))
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, not the speed")
-    parser.add_argument("--patterns", default="A,GGGA,op",
+    parser.add_argument("--patterns", default="A,GGGA,G,floor,op",
                         help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone), floor (GGGA "
                         "with lctrain's GDN op free: the most any GDN op could gain)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per side (default 5 on CPU)")
-    parser.add_argument("--max-wait", type=float, default=30.0, help="cap on the quiet-machine wait per step (s)")
+    parser.add_argument("--max-wait", type=float, default=30.0,
+                        help="cap on the quiet-machine wait per step (s); 0: no wait (--smoke never waits)")
     parser.add_argument("--loss-chunk-tokens", type=int, default=None,
                         help="lctrain's model.loss_chunk_tokens for this run (default: the config default)")
     parser.add_argument("--kernel-recompute", action="store_true",

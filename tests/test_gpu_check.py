@@ -22,9 +22,9 @@ def test_smoke_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and {"environment.json", "correctness.json", "kernels.json", "attention.json",
-                                "training.json", "summary.json"} <= set(files), files
+                                "peers.json", "training.json", "summary.json"} <= set(files), files
     sections = {name: json.loads((tmp_path / f"{name}.json").read_text())
-                for name in ("environment", "correctness", "kernels", "attention", "training")}
+                for name in ("environment", "correctness", "kernels", "attention", "peers", "training")}
     for name, data in sections.items():
         assert data["status"] in ("ok", "skipped") and data["smoke"], (name, data["status"])
         assert all("error" not in case for case in data["cases"]), (name, data["cases"])
@@ -40,6 +40,11 @@ def test_smoke_runs_every_section(tmp_path):
     timed = [c for c in sections["kernels"]["cases"] if "fwdbwd_ms" in c]
     assert timed and all(c["fwdbwd_ms"] > 0 for c in timed)
     assert any("fla" in c["case"] and "not importable" in c.get("skipped", "") for c in sections["kernels"]["cases"])
+    # peers: lctrain vs transformers (Llama, Qwen3-Next, the GDN op) timed, initial checks recorded
+    compared = [c for c in sections["peers"]["cases"] if "speedup" in c]
+    assert [c["case"].split(" vs ")[1] for c in compared] == ["LlamaForCausalLM", "Qwen3NextForCausalLM",
+                                                             "transformers torch_chunk_gated_delta_rule"]
+    assert all(c["speedup"] > 0 and c["lctrain_ms"] > 0 for c in compared)
     # training: eager and model.compile, tokens/s measured
     runs = sections["training"]["cases"]
     assert sorted(c["compile"] for c in runs) == [False, True] and all(c["tokens_per_s"] > 0 for c in runs)

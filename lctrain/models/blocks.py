@@ -45,6 +45,23 @@ class RMSNorm(nn.Module):
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
+class _SiLUMulFn(torch.autograd.Function):
+    """silu(a) * b keeping only a and b for backward (autograd would also keep silu(a): one [tokens, ffn] tensor
+    more per layer) and recomputing silu(a) there; the arithmetic is autograd's, so results are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        d_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        d_b = F.silu(a).mul_(grad) if ctx.needs_input_grad[1] else None
+        return d_a, d_b
+
+
 class SwiGLU(nn.Module):
     """MLP with a SiLU-gated linear unit: down(silu(gate(x)) * up(x))."""
 
@@ -56,7 +73,7 @@ class SwiGLU(nn.Module):
         self.down._is_residual_out = True  # scaled init: the last projection of a residual branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(_SiLUMulFn.apply(self.gate(x), self.up(x)))
 
 
 def default_ffn_dim(d_model: int, multiple_of: int = 64) -> int:

@@ -4,10 +4,10 @@ Counts are in elements of the activation dtype per token of one layer, read off 
 by measurement (`tests/plan/test_activations.py` counts the saved tensors with `saved_tensors_hooks` on CPU):
 
   every block   block input and residual (fp32 under bf16 autocast too: the residual stream is fp32), 2 fp32 norm
-                statistics, 4 ffn (SwiGLU gate, up, act, product), and the norm outputs as the projections read
-                them: in fp32 one tensor each for the mixer and the MLP (2 d); under autocast no fp32 norm output
-                is kept (the norm's backward needs only its input and statistic), only a bf16 copy per projection
-                (2 d for the MLP, `PROJECTIONS` d for the mixer)
+                statistics, 3 ffn (SwiGLU gate, up, product; silu is recomputed in backward), and the norm outputs
+                as the projections read them: in fp32 one tensor each for the mixer and the MLP (2 d); under
+                autocast no fp32 norm output is kept (the norm's backward needs only its input and statistic), only
+                a bf16 copy per projection (2 d for the MLP, `PROJECTIONS` d for the mixer)
   attn          rotated q and k, v, the op's output, the output projection's input: 3 H hd + 2 Hkv hd, + H fp32
                 log-sum-exp and the fp32 RoPE cos / sin (2 hd; the rotation's backward needs nothing else). The
                 fused op keeps no mask and no [T, T] tensor, on every backend
@@ -43,7 +43,7 @@ def block_elements(d_model: int, ffn: int, elem: int) -> float:
     projection makes, 2 d for the MLP here and `PROJECTIONS` d for the mixer (measured:
     `tests/plan/test_activations.py`)."""
     f32 = 4 / elem
-    return 2 * d_model * f32 + 2 * d_model + 4 * ffn + 2 * f32
+    return 2 * d_model * f32 + 2 * d_model + 3 * ffn + 2 * f32
 
 
 def residual_bytes(elem: int) -> int:
@@ -139,13 +139,13 @@ def op_backward_bytes(shape, rows: int, seq_len: int, sp: int, layout: str, attn
                       checkpointing: bool, backend: str) -> int:
     """Bytes the peak gains over the forward's end while a recurrent op runs backward. Backward walks the blocks
     from the last: when block i's op recomputes, the blocks above have freed their saved tensors (not so with
-    checkpointing, where only block i's set is counted), and so has block i's own MLP (4 ffn + 2 d) and the
+    checkpointing, where only block i's set is counted), and so has block i's own MLP (3 ffn + 2 d) and the
     mixer's tensors after the op (output norm, gate and their product, the output projection's input: 4 H V)."""
     tokens = rows * local_tokens(seq_len, sp, layout)[0]
     freed, extra = 0.0, 0.0
     for layer in reversed(shape.layers):
         transient = tokens * 4 * op_backward_elements(layer, backend, elem)
-        own = tokens * elem * (4 * shape.ffn_dim + 2 * shape.d_model + 4 * layer.heads * layer.value_dim)
+        own = tokens * elem * (3 * shape.ffn_dim + 2 * shape.d_model + 4 * layer.heads * layer.value_dim)
         extra = max(extra, transient - own - (0 if checkpointing else freed))
         freed += tokens * elem * layer_elements(layer, shape.d_model, shape.ffn_dim, elem, backend, sp, attn, seq_len)
     return int(extra)

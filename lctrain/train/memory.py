@@ -58,7 +58,7 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     moments (gradients and moments of the parameters that train only: under LoRA the frozen base has none), each
     sharded over the world (plus full gradients in bf16 when micro-batches accumulate with
     `parallel.fsdp_grad_sync: step`); the largest block gathered in bf16 (twice: the next one is prefetched);
-    activations as a rough count of about 8 d + 4 ffn elements per layer and token (the block input alone with
+    activations as a rough count of about 8 d + 3 ffn elements per layer and token (the block input alone with
     checkpointing) and one loss chunk of fp32 logits, for this rank's T / sp tokens. (Recipes of the planner's
     mixer types print the planner's figure instead: `fsdp_memory_lines`.)"""
     n_params = sum(p.numel() for p in model.parameters())
@@ -68,7 +68,7 @@ def fsdp_memory_per_gpu(cfg, model, world: int) -> dict[str, float]:
     compute_bytes = 2 if cfg.train.dtype != "float32" else 4
     m = cfg.model
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len // cfg.parallel.sp
-    per_layer = tokens * (8 * m.d_model + 4 * (m.ffn_dim or default_ffn_dim(m.d_model))) * compute_bytes
+    per_layer = tokens * (8 * m.d_model + 3 * (m.ffn_dim or default_ffn_dim(m.d_model))) * compute_bytes
     kept = tokens * m.d_model * compute_bytes if m.activation_checkpointing else per_layer
     logits = loss_chunk_size(m.loss_chunk_tokens, tokens, m.vocab_size) * m.vocab_size * 4 * 2
     out = {
@@ -208,10 +208,10 @@ def breakdown_any_mixers(cfg, model, cand, work) -> dict:
     for block, layer, size in reversed(list(zip(model.layers, planned, per_layer))):
         if layer is None:
             transient = tokens * 4 * mixer_memory.op_backward_elements(block.mixer, work.backend)
-            own = tokens * elem * (4 * ffn + 2 * d)
+            own = tokens * elem * (3 * ffn + 2 * d)
         else:
             transient = tokens * 4 * plan_act.op_backward_elements(layer, work.backend)
-            own = tokens * elem * (4 * ffn + 2 * d + 4 * layer.heads * layer.value_dim)
+            own = tokens * elem * (3 * ffn + 2 * d + 4 * layer.heads * layer.value_dim)
         recurrent = max(recurrent, transient - own - (0 if ckpt else freed))
         freed += size
     chunk = loss_chunk_size(shape.loss_chunk_tokens, tokens, vocab)

@@ -1,11 +1,12 @@
-"""Hand-written backwards of the per-token blocks (RMSNorm, RoPE rotation, the short convolution of whole rows)
+"""Hand-written backwards of the per-token blocks (RMSNorm, SwiGLU's silu(a) * b, RoPE rotation, the short
+convolution of whole rows)
 against the plain autograd formulas they replace, in float64 on awkward shapes: outputs and every gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lctrain.config import ModelConfig
-from lctrain.models.blocks import RMSNorm, RotaryEmbedding, _RMSNormFn
+from lctrain.models.blocks import RMSNorm, RotaryEmbedding, SwiGLU, _RMSNormFn, _SiLUMulFn
 from lctrain.models.context import BatchContext
 from lctrain.models.mixers.qkv import batch_cos_sin
 from lctrain.models.shortconv import ShortConvolution, causal_depthwise_conv
@@ -128,3 +129,41 @@ def test_whole_row_short_conv_keeps_the_promoted_dtype():
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7)])
+def test_silu_mul_equals_autograd_and_keeps_two_tensors(dtype, shape):
+    """silu(a) * b: the same bits as autograd through F.silu and a product (the backward recomputes silu(a) with
+    autograd's arithmetic), one saved tensor fewer; float64 gradcheck."""
+    torch.manual_seed(1)
+    a = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    b = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    g = torch.randn(*shape, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _SiLUMulFn.apply(a, b)
+    want = F.silu(a) * b
+    assert len(saved) == 2 and torch.equal(out, want)
+    for got, ref in zip(_grads(out, (a, b), g), _grads(want, (a, b), g)):
+        assert torch.equal(got, ref)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(_SiLUMulFn.apply, (a, b))
+    # only one input needing a gradient (a frozen gate or up projection)
+    (d_b,) = torch.autograd.grad(_SiLUMulFn.apply(a.detach(), b), (b,), g)
+    assert torch.equal(d_b, _grads(F.silu(a.detach()) * b, (b,), g)[0])
+
+
+def test_swiglu_module_uses_the_fused_product():
+    torch.manual_seed(2)
+    mlp = SwiGLU(6, 10).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    want = mlp.down(F.silu(mlp.gate(x)) * mlp.up(x))
+    out = mlp(x)
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            stack.extend(fn for fn, _ in node.next_functions)
+    assert torch.equal(out, want) and "_SiLUMulFnBackward" in names and "SiluBackward0" not in names
