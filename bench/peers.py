@@ -347,7 +347,8 @@ TARGETS = {"A": 1.15, "GGGA": 2.0}  # the speedups this benchmark is meant to sh
 
 def _short(row: dict) -> str:
     peer = row["peer"].replace("ForCausalLM", "").replace("transformers torch_chunk_gated_delta_rule", "HF torch op")
-    return f"{row['pattern'].split(' (')[0]}\nvs {peer.replace('fla chunk_gated_delta_rule', 'fla op')}"
+    name = "GGGA, GDN\nop free" if "floor" in row["pattern"] else row["pattern"].split(" (")[0]
+    return f"{name}\nvs {peer.replace('fla chunk_gated_delta_rule', 'fla op')}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -373,7 +374,7 @@ def plot(result: dict, path: Path) -> None:
     s = result["shapes"]
     ax.set_title(f"fwd+bwd(+AdamW), B={s['batch']} T={s['seq_len']}, {result['threads']} thread(s), {result['dtype']}"
                  f"\n{result['device']} (dashed: target)", fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
