@@ -3,8 +3,8 @@ and sm_90 in bf16 and fp32 (no GPU needed): compiles, shared memory fits, no reg
 
 The checker cannot run under the interpreter this test session uses, so it runs in a subprocess with
 TRITON_INTERPRET unset and a private kernel cache (every kernel is really compiled). The default run compiles
-every Taylor configuration (feature blocks 16 and 32) and the widest local-attention one (128-wide heads: the most registers); the
-sweep over every local-attention head width is marked slow.
+the widest Taylor configuration (feature block 32: the most registers); the sweeps over both Taylor feature blocks
+and every local-attention head width are marked slow.
 """
 from __future__ import annotations
 
@@ -77,7 +77,16 @@ def test_registered_with_the_checker_and_every_launched_kernel_is_listed():
                            for label in taylor_labels), (dim, kernel)
 
 
-def test_taylor_kernels_compile_without_spills():
+def test_widest_taylor_kernels_compile_without_spills():
+    results = _compile(TAYLOR, {"feature_blocks": [32]})
+    # 3 kernels at the wider feature block (17 <= D <= 32: the most registers), bf16/fp32 on sm_80/sm_90.
+    assert len(results) == 3 * len(aot.DEFAULT_DTYPES) * len(aot.DEFAULT_ARCHS)
+    assert all("BD=32," in r["label"] for r in results)
+    _assert_all_ok(results, {"taylor_fwd_kernel", "taylor_bwd_dq_kernel", "taylor_bwd_dkv_kernel"})
+
+
+@pytest.mark.slow  # ~17 s with both feature blocks
+def test_every_taylor_config_compiles_without_spills():
     results = _compile(TAYLOR, {})
     # 3 kernels x both feature blocks (D <= 16 and 17 <= D <= 32), each for bf16/fp32 on sm_80/sm_90.
     assert len(results) == 3 * 2 * len(aot.DEFAULT_DTYPES) * len(aot.DEFAULT_ARCHS)
@@ -85,7 +94,7 @@ def test_taylor_kernels_compile_without_spills():
     _assert_all_ok(results, {"taylor_fwd_kernel", "taylor_bwd_dq_kernel", "taylor_bwd_dkv_kernel"})
 
 
-@pytest.mark.slow  # ~14 s; every local config is in the slow sweep, the Taylor widest ones stay default
+@pytest.mark.slow  # ~14 s; every local config is in the slow sweep
 def test_widest_local_attention_kernels_compile_without_spills():
     results = _compile(LOCAL, {"head_dims": [[128, 128]]})
     _assert_all_ok(results, {"local_attention_fwd_kernel", "local_attention_bwd_dq_kernel",
