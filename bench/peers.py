@@ -252,10 +252,10 @@ def summarise(records: list[dict]) -> dict:
 
 
 @contextlib.contextmanager
-def recurrent_op_free():
-    """lctrain's recurrent ops (the GDN op included) replaced by a stand-in that costs nothing: o = v, with q, k
-    and the gates kept in the graph at the cost of a sum, so every projection still runs forward and backward.
-    A step timed under it is a floor for lctrain's step; the peer's time over it bounds the speedup any recurrent
+def gdn_op_free():
+    """lctrain's GDN op replaced by a stand-in that costs nothing: o = v, with q, k and the gates kept in the graph
+    at the cost of a sum, so every projection still runs forward and backward.
+    A step timed under it is a floor for lctrain's step; the peer's time over it bounds the speedup any GDN
     op could give (the dense matmuls, attention layers and the loss are the same work on both sides)."""
     from lctrain.models.mixers import gated_deltanet
 
@@ -273,8 +273,8 @@ def recurrent_op_free():
 
 def run_pattern(pattern: str, shapes: dict, device: str, steps: int, warmup: int, wait_s: float,
                 lctrain_overrides: dict | None = None, profile_to: Path | None = None, op_free: bool = False) -> dict:
-    if op_free:  # a floor for lctrain's step: see recurrent_op_free
-        with recurrent_op_free():
+    if op_free:  # a floor for lctrain's step: see gdn_op_free
+        with gdn_op_free():
             row = run_pattern(pattern, shapes, device, steps, warmup, wait_s, lctrain_overrides)
         row["pattern"] = f"{pattern} (floor: GDN op free)"
         return row

@@ -1,0 +1,50 @@
+"""bench/peers.py pieces the GPU check's smoke run does not reach: the floor row's GDN stand-in (no GDN op runs,
+every projection still gets its gradient, the real op comes back afterwards) and the one-line refusal of a pattern
+without a peer."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+peers = pytest.importorskip("bench.peers")
+
+
+def _loss(model):
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return peers._lctrain_loss(model, ids, labels)
+
+
+def test_floor_stand_in_skips_the_gdn_op_and_keeps_every_gradient(monkeypatch):
+    from lctrain import kernels
+    from lctrain.models.mixers import gated_deltanet
+
+    shapes = {**peers.SMOKE_SHAPES, "d_model": 32, "n_heads": 2, "head_dim": 16, "ffn_dim": 64, "vocab_size": 64}
+    torch.manual_seed(0)
+    model = peers.lctrain_model("GGGA", shapes, kernel_recompute=False)
+    real = gated_deltanet.run_linear_op
+    calls = []
+    monkeypatch.setattr(kernels, "gated_delta_rule", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("the GDN op ran under the stand-in")))
+    with peers.gdn_op_free():
+        _loss(model).backward()
+    assert not calls and gated_deltanet.run_linear_op is real
+    gdn = model.layers[0].mixer
+    for name in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj"):
+        grad = getattr(gdn, name).weight.grad
+        assert grad is not None and torch.isfinite(grad).all(), name
+    assert float(gdn.v_proj.weight.grad.abs().sum()) > 0  # o = v: the values carry the gradient
+    monkeypatch.undo()
+    model.zero_grad()
+    _loss(model).backward()  # the real op again: runs and differs from the stand-in
+    assert model.layers[0].mixer.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_pattern_without_a_peer_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "bench/peers.py", "--patterns", "A,XYZ"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "XYZ" in proc.stderr, proc.stderr
