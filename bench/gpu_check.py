@@ -5,13 +5,14 @@ Optional wheels (fla-core for the fla comparisons, einops which it needs), fetch
 copied beside the repository (about 1 MiB together; nothing else is needed):
 
     pip download --no-deps --only-binary=:all: --dest wheels fla-core==0.6.0 einops==0.8.2
-    # for the peers section (transformers and what it imports; torch is already there, about 40 MiB):
-    pip download --only-binary=:all: --dest wheels transformers==5.25.0   # then delete the torch/nvidia wheels
+    # the peers section needs transformers (>= 5.17, with Qwen3-Next); where the GPU image lacks it, carry it with
+    # what it imports (about 48 MiB; add --python-version/--platform for the GPU machine's Python):
+    pip download --only-binary=:all: --dest wheels transformers==5.25.0
 
 On the GPU machine (no internet):
 
     pip install --no-index --no-deps --find-links wheels fla-core einops   # optional: fla sections skip without
-    pip install --no-index --find-links wheels transformers                # optional: the peers section
+    pip install --no-index --find-links wheels transformers                # only where it is missing
     python bench/gpu_check.py                 # JSON per section into $OUT (or --out DIR), summary table on stdout
     python bench/gpu_check.py --sections kernels,training
     python bench/gpu_check.py --smoke         # every section at tiny sizes on the CPU (the default test suite runs it)
