@@ -2,7 +2,7 @@
 throughput, in about 8 minutes on one H100 whose Python has only torch and triton.
 
 Optional wheels (fla-core for the fla comparisons, einops which it needs), fetched on a machine with internet and
-copied beside the repository (about 1 MiB together; nothing else is needed):
+copied beside the repository (about 1 MiB together):
 
     pip download --no-deps --only-binary=:all: --dest wheels fla-core==0.6.0 einops==0.8.2
     # the peers section needs transformers (>= 5.17, with Qwen3-Next); where the GPU image lacks it, carry it with
