@@ -348,6 +348,8 @@ TARGETS = {"A": 1.15, "GGGA": 2.0}  # the speedups this benchmark is meant to sh
 def _short(row: dict) -> str:
     peer = row["peer"].replace("ForCausalLM", "").replace("transformers torch_chunk_gated_delta_rule", "HF torch op")
     name = "GGGA, GDN\nop free" if "floor" in row["pattern"] else row["pattern"].split(" (")[0]
+    if row["pattern"].startswith("GDN op"):
+        name += " T=" + row["pattern"].split("T=")[1].split(",")[0]
     return f"{name}\nvs {peer.replace('fla chunk_gated_delta_rule', 'fla op')}"
 
 
@@ -372,9 +374,12 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(rows)), [_short(r) for r in rows], fontsize=8)
     ax.set_ylabel("peer time / lctrain time")
     s = result["shapes"]
-    ax.set_title(f"fwd+bwd(+AdamW), B={s['batch']} T={s['seq_len']}, {result['threads']} thread(s), {result['dtype']}"
+    models = any(not r["pattern"].startswith("GDN op") for r in rows)  # op rows name their own T
+    length = f" T={s['seq_len']}" if models else ""
+    ax.set_title(f"fwd+bwd{'(+AdamW)' if models else ''}, B={s['batch']}{length}, {result['threads']} thread(s), "
+                 f"{result['dtype']}"
                  f"\n{result['device']} (dashed: target)", fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -399,9 +404,10 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for pattern in patterns:
-        if pattern == "op":
-            rows.append(gdn_op_row(shapes, device, steps, warmup, wait_s if not smoke else 0.0,
-                                   lctrain_overrides["kernel_recompute"]))
+        if pattern == "op" or pattern.startswith("op:"):  # op:<T>: the op at sequence length T
+            length = int(pattern[3:]) if pattern.startswith("op:") else shapes["seq_len"]
+            rows.append(gdn_op_row({**shapes, "seq_len": length}, device, steps, warmup,
+                                   wait_s if not smoke else 0.0, lctrain_overrides["kernel_recompute"]))
         elif pattern == "floor":
             rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait_s if not smoke else 0.0,
                                     lctrain_overrides, op_free=True))
@@ -427,12 +433,18 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
     return result
 
 
+def _op_length(pattern: str) -> bool:
+    """`op:<T>` with T a positive integer (the GDN op row at sequence length T)."""
+    return pattern.startswith("op:") and pattern[3:].isdigit() and int(pattern[3:]) > 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the harness, not the speed")
     parser.add_argument("--patterns", default="A,GGGA,G,floor,op",
-                        help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone), floor (GGGA "
-                        "with lctrain's GDN op free: the most any GDN op could gain)")
+                        help="comma list from: " + ", ".join(PATTERNS) + ", op (the GDN op alone), op:<T> (the op "
+                        "at sequence length T), floor (GGGA with lctrain's GDN op free: the most any GDN op could "
+                        "gain)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per side (default 5 on CPU)")
     parser.add_argument("--max-wait", type=float, default=30.0,
                         help="cap on the quiet-machine wait per step (s); 0: no wait (--smoke never waits)")
@@ -447,9 +459,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     patterns = [p for p in args.patterns.split(",") if p]
-    bad = [p for p in patterns if p not in PATTERNS and p not in ("op", "floor")]
+    bad = [p for p in patterns if p not in PATTERNS and p not in ("op", "floor") and not _op_length(p)]
     if bad:
-        allowed = ", ".join([*PATTERNS, "op", "floor"])
+        allowed = ", ".join([*PATTERNS, "op", "op:<T>", "floor"])
         print(f"peers: --patterns {','.join(bad)} has no peer; allowed: {allowed}", file=sys.stderr)
         sys.exit(2)
     overrides = {"kernel_recompute": args.kernel_recompute}
