@@ -45,6 +45,7 @@ def test_floor_stand_in_skips_the_gdn_op_and_keeps_every_gradient(monkeypatch):
 
 
 def test_a_pattern_without_a_peer_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "bench/peers.py", "--patterns", "A,XYZ"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "XYZ" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "bench/peers.py", "--patterns", "A,XYZ,op:0,op:2048"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "XYZ,op:0 has no peer" in proc.stderr and "op:<T>" in proc.stderr, proc.stderr
