@@ -24,7 +24,7 @@ import triton.language as tl
 
 from lctrain.kernels.addressing import split_row
 
-from lctrain.kernels.taylor_linear_attention.triton_fwd import load_values, slice_features
+from lctrain.kernels.taylor_linear_attention.triton_fwd import load_features, load_values, slice_features
 
 
 @triton.jit
@@ -61,10 +61,8 @@ def taylor_bwd_dq_kernel(
         rows = t_low + offs_t
         valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
+        b_q = load_features(q_seq, t0, rows, mask_td, offs_d, H, D)
+        b_k = load_features(k_seq, t0, rows, mask_td, offs_d, H, D)
         b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
         b_dy = tl.load(dy_seq + t0 * (H * VP) + rows[:, None] * (H * VP) + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)
@@ -125,10 +123,8 @@ def taylor_bwd_dkv_kernel(
         rows = t_low + offs_t
         valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
+        b_q = load_features(q_seq, t0, rows, mask_td, offs_d, H, D)
+        b_k = load_features(k_seq, t0, rows, mask_td, offs_d, H, D)
         b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
         b_dy = tl.load(dy_seq + t0 * (H * VP) + rows[:, None] * (H * VP) + offs_v[None, :],
                        mask=valid[:, None] & mask_v[None, :], other=0.0)

@@ -43,6 +43,14 @@ def slice_features(b_q, b_k, p, offs_d, scale, D):
 
 
 @triton.jit
+def load_features(x_seq, t0, rows, mask_td, offs_d, H, D):
+    """[BT, BD] fp32 tile of q or k (`[T_total, H, D]`, this sequence and head at `x_seq`) for the chunk whose
+    first token is t0 (64-bit high part) + rows (32-bit low part); masked rows and columns are 0."""
+    return tl.load(x_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def load_values(v_chunk, offs_t, valid, offs_v, H, V):
     """[BT, BV] tile of [v, 1] for the chunk starting at `v_chunk` (rows `offs_t` of it): column V is 1 on valid
     tokens, everything past it 0."""
@@ -87,10 +95,8 @@ def taylor_fwd_kernel(
         rows = t_low + offs_t
         valid = i_c * BT + offs_t < length
         mask_td = valid[:, None] & mask_d[None, :]
-        b_q = tl.load(q_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
-        b_k = tl.load(k_seq + t0 * (H * D) + rows[:, None] * (H * D) + offs_d[None, :], mask=mask_td,
-                      other=0.0).to(tl.float32)
+        b_q = load_features(q_seq, t0, rows, mask_td, offs_d, H, D)
+        b_k = load_features(k_seq, t0, rows, mask_td, offs_d, H, D)
         b_v = load_values(v_seq + t0 * (H * V), rows, valid, offs_v, H, V)
 
         # Intra-chunk: the polynomial itself; padded key rows carry [v, 1] = 0, so only causality is masked.
