@@ -17,30 +17,16 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.kernel_speed import time_fn  # noqa: E402  (do_bench median on GPU, best of 3 on CPU)
 from lctrain.kernels import local_attention, taylor_linear_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_fn(fn, device, reps=3) -> float:
-    """Milliseconds: triton's do_bench (median) on GPU, best of `reps` wall-clock runs on CPU."""
-    if device == "cuda":
-        import triton
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def band_mask(length, window, device):
