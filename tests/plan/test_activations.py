@@ -39,17 +39,23 @@ def saved_bytes_per_layer(model, ids, positions) -> int:
     return total[0]
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
-@pytest.mark.parametrize("kind", sorted(CASES))
-def test_saved_activations_match_the_coefficients(kind, bf16):
+def measured_one_layer(overrides: list[str], bf16: bool) -> tuple[LanguageModel, int]:
+    """A one-layer model (d 96, ffn 224) with `overrides` and the bytes its block saves for backward on ROWS rows of
+    SEQ_LEN tokens packed with DOC_LEN-token documents, in fp32 or under bf16 autocast."""
     cfg = load_config(None, ["model.vocab_size=200", "model.d_model=96", "model.n_layers=1", "model.ffn_dim=224",
-                             "model.loss_chunk_tokens=256"] + CASES[kind])
+                             "model.loss_chunk_tokens=256"] + overrides)
     torch.manual_seed(0)
     model = LanguageModel(cfg.model).train()
     ids = torch.randint(0, 200, (ROWS, SEQ_LEN))
     positions = (torch.arange(SEQ_LEN) % DOC_LEN).expand(ROWS, SEQ_LEN)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the residual stream stays fp32 under it
-        measured = saved_bytes_per_layer(model, ids, positions)
+        return model, saved_bytes_per_layer(model, ids, positions)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_saved_activations_match_the_coefficients(kind, bf16):
+    model, measured = measured_one_layer(CASES[kind], bf16)
     shape = shape_of(model)
     elem = 2 if bf16 else 4
     planned = ROWS * SEQ_LEN * elem * layer_elements(shape.layers[0], shape.d_model, shape.ffn_dim, elem, "torch",

@@ -112,18 +112,10 @@ def test_saved_tensors_of_other_mixers_match_their_counts(kind, bf16):
     """`lctrain.train.mixer_memory`'s counts vs the tensors autograd saves (shapes other than the fitted ones)."""
     from lctrain.plan.activations import block_elements
     from lctrain.train.mixer_memory import mixer_elements
-    from tests.plan.test_activations import saved_bytes_per_layer
-    rows, seq_len, doc_len = 2, 640, 200
-    cfg = load_config(None, ["model.vocab_size=200", "model.d_model=96", "model.n_layers=1", "model.ffn_dim=224",
-                             "model.loss_chunk_tokens=256"] + MIXERS[kind])
-    torch.manual_seed(0)
-    model = LanguageModel(cfg.model).train()
-    ids = torch.randint(0, 200, (rows, seq_len))
-    positions = (torch.arange(seq_len) % doc_len).expand(rows, seq_len)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        measured = saved_bytes_per_layer(model, ids, positions)
+    from tests.plan.test_activations import ROWS, SEQ_LEN, measured_one_layer
+    model, measured = measured_one_layer(MIXERS[kind], bf16)
     elem = 2 if bf16 else 4
-    counted = rows * seq_len * elem * (block_elements(96, 224, elem) + mixer_elements(model.layers[0].mixer, 96, elem))
+    counted = ROWS * SEQ_LEN * elem * (block_elements(96, 224, elem) + mixer_elements(model.layers[0].mixer, 96, elem))
     assert abs(counted / measured - 1) < 0.1, (kind, counted, measured)
 
 
