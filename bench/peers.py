@@ -402,17 +402,18 @@ def run(out_dir: str | Path, smoke: bool = False, patterns=("A", "GGGA", "op"), 
     lctrain_overrides = {"kernel_recompute": False, **(lctrain_overrides or {})}
     if profile:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+    wait = 0.0 if smoke else wait_s  # --smoke checks the harness: no quiet-machine wait
     rows = []
     for pattern in patterns:
         if pattern == "op" or pattern.startswith("op:"):  # op:<T>: the op at sequence length T
             length = int(pattern[3:]) if pattern.startswith("op:") else shapes["seq_len"]
             rows.append(gdn_op_row({**shapes, "seq_len": length}, device, steps, warmup,
-                                   wait_s if not smoke else 0.0, lctrain_overrides["kernel_recompute"]))
+                                   wait, lctrain_overrides["kernel_recompute"]))
         elif pattern == "floor":
-            rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait_s if not smoke else 0.0,
+            rows.append(run_pattern("GGGA", shapes, device, steps, warmup, wait,
                                     lctrain_overrides, op_free=True))
         else:
-            rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait_s if not smoke else 0.0,
+            rows.append(run_pattern(pattern, shapes, device, steps, warmup, wait,
                                     lctrain_overrides,
                                     Path(out_dir) / f"peers_profile_{pattern}{tag}_" if profile else None))
         print(f"{pattern}: lctrain {rows[-1]['lctrain']['median_s']:.3f}s vs {rows[-1]['peer']} "
