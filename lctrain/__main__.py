@@ -1,6 +1,5 @@
-import sys
-
 from lctrain.cli import main
+from lctrain.process_exit import leave
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

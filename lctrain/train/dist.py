@@ -3,6 +3,8 @@ or mpi4py); rank 0's address from `lctrain.train.rendezvous`."""
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -56,6 +58,10 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv
         from lctrain.train.rendezvous import agree_on_master
         agree_on_master()  # mpirun / srun leave MASTER_ADDR and MASTER_PORT to us
         os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(local)
+        # Imported after the group exists, torch._dynamo (DDP imports it) keeps references to the default group
+        # that nothing releases: destroy_process_group then leaves gloo's worker threads running into interpreter
+        # exit, where a worker that frees a Python-owned tensor aborts the process (SIGABRT after a finished run).
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(chosen, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda and chosen == "nccl" else None)
@@ -80,4 +86,6 @@ def shutdown(env: DistEnv, together: bool = True) -> None:
     if env.distributed and dist.is_initialized():
         if together:
             dist.barrier()
+        gc.collect()  # a module or optimizer in a reference cycle holds the group and its gloo workers alive
         dist.destroy_process_group()
+

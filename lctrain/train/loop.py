@@ -473,6 +473,7 @@ class Trainer:
 def train(cfg: Config, dry_run: bool = False) -> int:
     env = init_distributed(cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     finished = False
+    trainer = None
     try:
         sp = cfg.parallel.sp
         if dry_run and env.world_size % sp:  # a plan on fewer processes than one SP group: data laid out as sp=1
@@ -488,4 +489,5 @@ def train(cfg: Config, dry_run: bool = False) -> int:
         finished = True
         return code
     finally:
+        trainer = None  # DDP and the optimizer hold the process group: free them so destroying it joins gloo's threads
         shutdown(env, together=finished)
