@@ -77,7 +77,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 model.n_layers=4")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model and the tokenizer, count the data (no tokenising), exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit between the overrides
     if "=" in args.recipe:  # `python -m lctrain train.steps=5` means the default recipe with an override
         args.overrides.insert(0, args.recipe)
         args.recipe = "tiny"

@@ -36,7 +36,7 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_workers=8")
     parser.add_argument("--shard", default="", help="i/n: build only the i-th of n shares of the missing shards")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit between the overrides
     share = parse_share(args.shard) if args.shard else (0, 1)
     cfg = load_config(find_recipe(args.recipe), args.overrides)
     data = cfg.data

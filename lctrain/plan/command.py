@@ -18,7 +18,7 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain), default 8")
     parser.add_argument("--json", help="write the whole plan as JSON here")
     parser.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit between the overrides
     if args.gpu not in GPUS:
         raise ConfigError(f"plan: --gpu must be one of {', '.join(GPUS)}, got {args.gpu!r}")
     if args.gpus < 1:

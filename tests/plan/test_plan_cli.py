@@ -26,7 +26,7 @@ def hybrid():
 
 def test_json_contract_best_and_current(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "hybrid_3to1", "parallel.sp=2", "--gpus", "16", "--json", str(out)]) == 0
+    assert main(["plan", "hybrid_3to1", "--gpus", "16", "parallel.sp=2", "--json", str(out)]) == 0  # flags anywhere
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert set(result) >= {"current", "best", "candidates"}

@@ -111,8 +111,8 @@ def test_init_from_missing_path_is_a_config_error(tmp_path, cache_dir):
 
 
 def test_dry_run_prints_plan_and_ignores_local_rank(tmp_path, cache_dir):
-    proc = subprocess.run([sys.executable, "-m", "lctrain", "--local_rank=0", "recipes/tiny.yaml",
-                           f"run.dir={tmp_path / 'run'}", *SMALL, "train.tokens_per_step=512", "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", "lctrain", "--local_rank=0", "recipes/tiny.yaml", "--dry-run",
+                           f"run.dir={tmp_path / 'run'}", *SMALL, "train.tokens_per_step=512"],  # flags anywhere
                           cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for fragment in ("parameters:", "pattern GA", "tokens per step: 512 (gradient accumulation 2)",
