@@ -26,12 +26,33 @@ def run_ds(cache_dir, run, *overrides, timeout=300):
     return run_lctrain(cache_dir, run, *STEPS, "train.engine=deepspeed", *overrides, nproc=2, timeout=timeout)
 
 
+def launch_ds(cache_dir, run, *overrides) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 --module lctrain ...`: DeepSpeed's own launcher."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "lctrain",
+           "recipes/tiny.yaml", f"run.dir={run}", *SMALL, *STEPS, "train.engine=deepspeed", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ds_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def zero3_straight(cache_dir, tmp_path_factory):
+    """Six ZeRO-3 steps without a break, through DeepSpeed's launcher: the reference of both tests below."""
+    run = tmp_path_factory.mktemp("zero3")
+    launch_ds(cache_dir, run, "deepspeed.zero_stage=3")
+    return run
+
+
 # ZeRO-3 (partitioned parameters, the hardest case) runs by default; stages 1 and 2 with -m slow
 @pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
-def test_zero_stage_trains_and_resumes_bit_identically(cache_dir, tmp_path, stage):
+def test_zero_stage_trains_and_resumes_bit_identically(cache_dir, tmp_path, stage, request):
     zero = f"deepspeed.zero_stage={stage}"
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_ds(cache_dir, straight, zero)
+    if stage == 3:
+        straight = request.getfixturevalue("zero3_straight")
+    else:
+        straight = tmp_path / "straight"
+        run_ds(cache_dir, straight, zero)
+    split = tmp_path / "split"
     run_ds(cache_dir, split, zero, "train.stop_at=3")
     assert max(train_losses(split)) == 3
     step3 = split / "checkpoints" / "step-3"
@@ -45,17 +66,12 @@ def test_zero_stage_trains_and_resumes_bit_identically(cache_dir, tmp_path, stag
     assert (split / "checkpoints" / "latest").read_text().strip() == "step-6"
 
 
-def test_deepspeed_loss_matches_ddp_and_the_launcher_works(cache_dir, tmp_path):
+def test_deepspeed_loss_matches_ddp_and_the_launcher_works(cache_dir, tmp_path, zero3_straight):
     """Same data, same init: the loss normalisation (global target tokens) is the DDP engine's, and the first
-    step (before any update) is bit-identical. Launched with `deepspeed --num_gpus 2 --module lctrain`."""
+    step (before any update) is bit-identical. The ZeRO-3 run was launched with `deepspeed --module lctrain`."""
     ddp = tmp_path / "ddp"
     run_lctrain(cache_dir, ddp, *STEPS, nproc=2)
-    ds = tmp_path / "ds"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "lctrain",
-           "recipes/tiny.yaml", f"run.dir={ds}", *SMALL, *STEPS, "train.engine=deepspeed", "deepspeed.zero_stage=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ds_env(cache_dir), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = train_losses(ddp), train_losses(ds)
+    a, b = train_losses(ddp), train_losses(zero3_straight)
     assert a[1] == b[1]
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
 

@@ -6,12 +6,9 @@ from tests.train.conftest import run_lctrain, train_losses
 SP_MODEL = ["model.n_heads=4", "model.n_kv_heads=4", "model.pattern=GGGA", "model.n_layers=4", "train.steps=3",
             "checkpoint.interval=0", "train.eval_batches=0"]
 
-# Every mode once by default (ring with zigzag: the layout it is used with); the other combinations with -m slow.
-# one combination by default (the others are the same loop with another op under it; each op is checked at sp 2
-# and 4 in test_attention.py); all six with -m slow
-DEFAULT = {("ring", "zigzag")}
-COMBOS = [(attn, layout) if (attn, layout) in DEFAULT else pytest.param(attn, layout, marks=pytest.mark.slow)
-          for attn in ("allgather", "ring", "ulysses") for layout in ("contiguous", "zigzag")]
+# Slow (all six combinations). By default the trainer's SP path runs once, in the dp 2 x sp 2 test below (ring
+# attention, zigzag layout); every op is checked against one process at sp 2 and 4 in test_attention.py.
+COMBOS = [(attn, layout) for attn in ("allgather", "ring", "ulysses") for layout in ("contiguous", "zigzag")]
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +18,7 @@ def single_process_losses(cache_dir, tmp_path_factory):
     return train_losses(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn,layout", COMBOS)
 def test_sp4_training_matches_single_process(cache_dir, tmp_path, single_process_losses, attn, layout):
     run = tmp_path / "run"

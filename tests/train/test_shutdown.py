@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str, cache_dir: str, out_
         json.dump({"code": code, "gloo": gloo_workers()}, f)
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel.sp=2"]], ids=["ddp", "sp2"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["parallel.sp=2"], marks=pytest.mark.slow)], ids=["ddp", "sp2"])
 def test_a_finished_run_joins_the_gloo_workers(cache_dir, tmp_path, extra):
     mp.spawn(_worker, args=(2, port_for(f"shutdown-{extra}"), str(tmp_path / "run"), str(cache_dir), str(tmp_path),
                             extra), nprocs=2, join=True)
