@@ -29,7 +29,10 @@ def leave(code: int) -> None:
     after flushing stdio): a gloo worker that frees a Python-owned tensor while the interpreter finalizes aborts
     the process (SIGABRT) after a run that has already finished and saved."""
     if gloo_workers():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing left to save
+                pass
         os._exit(code)
     sys.exit(code)

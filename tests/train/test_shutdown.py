@@ -68,6 +68,8 @@ atexit.register(lambda: print("finalized", flush=True))
 if sys.argv[1] == "alive":
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # never destroyed
 print("trained")
+if sys.argv[2:] == ["closed"]:
+    sys.stdout.close()  # e.g. the reader of a pipe went away
 leave(3)
 """
 
@@ -79,3 +81,9 @@ def test_leave_skips_finalization_only_under_live_gloo_workers(group):
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.startswith("trained\n")  # buffered output still reaches the pipe
     assert ("finalized" in proc.stdout) == (group == "none")
+
+
+def test_leave_with_a_closed_stdout_still_exits_with_the_code():
+    proc = subprocess.run([sys.executable, "-c", LEAVE, "alive", "closed"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
