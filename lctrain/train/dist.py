@@ -88,4 +88,3 @@ def shutdown(env: DistEnv, together: bool = True) -> None:
             dist.barrier()
         gc.collect()  # a module or optimizer in a reference cycle holds the group and its gloo workers alive
         dist.destroy_process_group()
-
