@@ -300,7 +300,18 @@ class CheckpointManager:
             rank_file = path / "rank-0.pt"
         per_rank = _torch_load(rank_file)
         set_rng_state(per_rank["rng"])
+        if trainer.get("world_size") != self.world_size:
+            return trainer, every_rank_streams(path, per_rank["data"], trainer.get("world_size"))
         return trainer, per_rank["data"]
+
+
+def every_rank_streams(path: Path, data_state, saved_world: int | None):
+    """A streaming loader's state plus the stream states every rank saved (`all_ranks`): on another world size a
+    rank goes on with streams that other ranks were reading. Other loader states are global: returned as they are."""
+    if not (isinstance(data_state, dict) and data_state.get("batching") == "streaming"):
+        return data_state
+    files = [path / f"rank-{r}.pt" for r in range(saved_world or 1)]
+    return dict(data_state, all_ranks=[_torch_load(f)["data"] for f in files if f.is_file()])
 
 
 def _torch_load(path: Path):

@@ -27,7 +27,7 @@ def saved_world_size(path: Path) -> int | None:
 
 def load_resized(path: Path, engine, rank: int, world_size: int) -> tuple[dict, dict]:
     """(trainer_state, data_state) of checkpoint `path` written by another world size, restored into `engine`."""
-    from lctrain.train.checkpoint import load_model_weights
+    from lctrain.train.checkpoint import every_rank_streams, load_model_weights
     from lctrain.train.rng import set_rng_state
 
     path = Path(path)
@@ -48,8 +48,4 @@ def load_resized(path: Path, engine, rank: int, world_size: int) -> tuple[dict, 
     if own.is_file():
         set_rng_state(torch.load(own, weights_only=True)["rng"])
     data_state = torch.load(path / "rank-0.pt", weights_only=True)["data"]  # the same global position on all
-    if isinstance(data_state, dict) and data_state.get("batching") == "streaming":
-        # streaming: each rank saved the read-ahead state of the streams it read; the new ranks need all of them
-        data_state = dict(data_state, all_ranks=[torch.load(path / f"rank-{r}.pt", weights_only=True)["data"]
-                                                 for r in range(saved or 1) if (path / f"rank-{r}.pt").is_file()])
-    return trainer, data_state
+    return trainer, every_rank_streams(path, data_state, saved)

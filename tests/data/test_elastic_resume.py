@@ -23,9 +23,13 @@ def test_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_streaming_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path):
-    """Streaming: the run's virtual ranks (fixed by its first world size) continue on 2 processes, each reading
-    the streams of the windows it takes; the steps see the same windows as the uninterrupted run."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)])
+def test_streaming_resume_on_another_world_size_continues_the_same_run(cache_dir, tmp_path, engine, before, after):
+    """Streaming: the run's virtual ranks (fixed by its first world size) continue on another number of processes,
+    each reading the streams of the windows it takes; the steps see the same windows as the uninterrupted run.
+    From 2 processes to 1, the one rank goes on with the streams rank 1 saved. Under fsdp DCP reshards the
+    weights and AdamW state, and the ranks get every rank's stream states as under ddp."""
     import json
     import random
 
@@ -38,12 +42,12 @@ def test_streaming_resume_on_another_world_size_continues_the_same_run(cache_dir
         rows = [json.dumps({"text": random_text(rng, rng.randint(20, 120))}) for _ in range(20)]
         (corpus / f"p{k}.jsonl").write_text("\n".join(rows) + "\n")
     steps = [*STEPS, f"data.sources=[{{type: jsonl, path: {corpus}}}]", "data.streaming=true",
-             "data.num_workers=1", "data.max_documents=0"]
+             "data.num_workers=1", "data.max_documents=0", f"train.engine={engine}"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_lctrain(cache_dir, straight, *steps, nproc=1)
-    run_lctrain(cache_dir, split, *steps, "train.stop_at=2", nproc=1)
-    proc = run_lctrain(cache_dir, split, *steps, nproc=2)
-    assert "(written by 1 processes) on 2" in proc.stdout
+    run_lctrain(cache_dir, straight, *steps, nproc=before)
+    run_lctrain(cache_dir, split, *steps, "train.stop_at=2", nproc=before)
+    proc = run_lctrain(cache_dir, split, *steps, nproc=after)
+    assert f"(written by {before} processes) on {after}" in proc.stdout
     a, b = train_losses(straight), train_losses(split)
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
