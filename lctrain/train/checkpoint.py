@@ -295,12 +295,10 @@ class CheckpointManager:
                 except ValueError as exc:
                     raise CheckpointError(str(exc)) from None
             optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
-        rank_file = path / f"rank-{self.rank}.pt"
-        if trainer.get("world_size") != self.world_size:  # the data position is global; RNG as rank 0 had it
-            rank_file = path / "rank-0.pt"
-        per_rank = _torch_load(rank_file)
+        resized = trainer.get("world_size") != self.world_size  # the data position is global; RNG as rank 0 had it
+        per_rank = _torch_load(path / f"rank-{0 if resized else self.rank}.pt")
         set_rng_state(per_rank["rng"])
-        if trainer.get("world_size") != self.world_size:
+        if resized:
             return trainer, every_rank_streams(path, per_rank["data"], trainer.get("world_size"))
         return trainer, per_rank["data"]
 

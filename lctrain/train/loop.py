@@ -280,13 +280,14 @@ class Trainer:
             from lctrain.train.elastic import load_resized, saved_world_size
             saved_world = saved_world_size(latest)
             # the data position is global: another world size continues it (fsdp's DCP state reshards on its own)
-            if saved_world not in (None, lay.world):
-                state, data_state = (engine.load(ckpt, latest) if engine.name == "fsdp"
-                                     else load_resized(latest, engine, env.rank, lay.world))
-                notes.append(f"resuming {latest} (written by {saved_world} processes) on {lay.world}: the data "
-                             "continues from the saved global position")
+            resized = saved_world not in (None, lay.world)
+            if resized and engine.name != "fsdp":
+                state, data_state = load_resized(latest, engine, env.rank, lay.world)
             else:
                 state, data_state = engine.load(ckpt, latest)
+            if resized:
+                notes.append(f"resuming {latest} (written by {saved_world} processes) on {lay.world}: the data "
+                             "continues from the saved global position")
             engine.scheduler.load_state_dict(state["scheduler"])
             apply_recipe(engine.optimizer, engine.scheduler, cfg.train)  # the recipe wins for hyperparameters
             notes += recipe_changes(cfg.train, latest)
